@@ -1,0 +1,51 @@
+"""Block-scaled FP8 (E4M3) weights, in the layout of the DeepSeek-V3 FP8 release.
+
+A weight W [out, in] is stored as W_q = W / s per 128x128 block in float8_e4m3fn plus
+`weight_scale_inv` = s of shape [ceil(out/128), ceil(in/128)], with s = amax(block) / 448.
+Dequantisation: W = W_q * s (edge blocks are simply smaller).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+BLOCK = 128
+
+
+def _expand_scale(scale: torch.Tensor, shape: torch.Size, block: int) -> torch.Tensor:
+    rows, cols = shape
+    return scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+
+
+def quantize_weight_block(
+    w: torch.Tensor, block: int = BLOCK, pow2_scale: bool = False, amax_floor: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [out, in] -> (float8_e4m3fn [out, in], scale_inv fp32 [ceil(out/b), ceil(in/b)])."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    rows, cols = w.shape
+    nr, nc = -(-rows // block), -(-cols // block)
+    wf = w.float()
+    padded = wf.new_zeros(nr * block, nc * block)
+    padded[:rows, :cols] = wf
+    tiles = padded.view(nr, block, nc, block)
+    amax = tiles.abs().amax(dim=(1, 3)).clamp_min(amax_floor)
+    scale = amax / FP8_MAX
+    if pow2_scale:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(nr * block, nc * block)
+    return q[:rows, :cols].to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
+def dequantize_weight_block(
+    q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32, block: int = BLOCK
+) -> torch.Tensor:
+    """float8 weight [out, in] times its per-block scale [ceil(out/b), ceil(in/b)] -> `dtype`."""
+    rows, cols = q.shape
+    want = (-(-rows // block), -(-cols // block))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(
+            f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {want} for weight {(rows, cols)}"
+        )
+    return (q.float() * _expand_scale(scale_inv.float(), q.shape, block)).to(dtype)

@@ -1,0 +1,382 @@
+"""Read and write the Hugging Face DeepSeek-V3 checkpoint layout (the official release's layout).
+
+- `config.json` + `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`;
+- routed experts one by one: `model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`;
+- MTP module k at `model.layers.{num_hidden_layers + k}.*`, with its own copies of `embed_tokens` and
+  `shared_head.head` (equal to the main embedding and head, which they share here);
+- FP8 weights (`float8_e4m3fn`) with `weight_scale_inv` per 128x128 block, dequantised on load.
+
+Loading checks every shard header first (missing shard, missing/extra key, shape, dtype) and only then streams
+tensors one at a time into the model: nothing is half-loaded, and never two full copies are in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..fp8.quant import BLOCK, dequantize_weight_block, quantize_weight_block
+from ..model.config import ConfigError, ModelConfig
+from ..model.model import Transformer
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+FP8_QUANT_CONFIG = {
+    "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK], "activation_scheme": "dynamic",
+}
+_FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
+_FP8_DTYPES = {torch.float8_e4m3fn}
+_SAFE_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not match the model: the message names the key and the file."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a checkpoint tensor goes: parameter `name`, optionally rows [start, stop) of expert `expert`."""
+
+    name: str
+    shape: tuple[int, ...]
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+    shared_copy: bool = False  # MTP's copy of the embedding / head: checked, not loaded twice
+    quantizable: bool = False  # a Linear weight that the FP8 release stores block-scaled
+
+
+_QUANTIZABLE = re.compile(r"(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+                          r"|mlp\.(gate_proj|up_proj|down_proj)|shared_experts\.(gate|up|down)_proj"
+                          r"|experts\.\d+\.(gate|up|down)_proj)\.weight$")
+
+
+def checkpoint_layout(model: Transformer) -> dict[str, Slot]:
+    """Map every checkpoint key of `model` to the slot it fills."""
+    cfg = model.config
+    n = cfg.num_hidden_layers
+    layout: dict[str, Slot] = {}
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name, t in tensors.items():
+        m = re.match(r"mtp\.(\d+)\.(.*)", name)
+        key = f"model.layers.{n + int(m.group(1))}.{m.group(2)}" if m else name
+        if name.endswith("mlp.experts.gate_up_proj"):
+            base = key[: -len("gate_up_proj")]
+            E, I2, H = t.shape
+            inter = I2 // 2
+            for e in range(E):
+                layout[f"{base}{e}.gate_proj.weight"] = Slot(name, (inter, H), e, (0, inter), quantizable=True)
+                layout[f"{base}{e}.up_proj.weight"] = Slot(name, (inter, H), e, (inter, I2), quantizable=True)
+        elif name.endswith("mlp.experts.down_proj"):
+            base = key[: -len("down_proj")]
+            E, H, inter = t.shape
+            for e in range(E):
+                layout[f"{base}{e}.down_proj.weight"] = Slot(name, (H, inter), e, quantizable=True)
+        else:
+            layout[key] = Slot(name, tuple(t.shape), quantizable=bool(_QUANTIZABLE.search(key)))
+    for k in range(len(model.mtp)):
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        layout[f"model.layers.{n + k}.embed_tokens.weight"] = Slot(
+            "model.embed_tokens.weight", tuple(emb.shape), shared_copy=True)
+        layout[f"model.layers.{n + k}.shared_head.head.weight"] = Slot(
+            "lm_head.weight", tuple(head.shape), shared_copy=True)
+    return layout
+
+
+def _slot_view(tensors: dict[str, torch.Tensor], slot: Slot) -> torch.Tensor:
+    t = tensors[slot.name]
+    if slot.expert is not None:
+        t = t[slot.expert]
+        if slot.rows is not None:
+            t = t[slot.rows[0] : slot.rows[1]]
+    return t
+
+
+def _all_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    return tensors
+
+
+# ------------------------------------------------------------------------------------------------ save
+def _fsync_replace(tmp: str, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(
+    model: Transformer, path: str | os.PathLike[str], dtype: torch.dtype | None = None, fp8: bool = False,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write `model` in the Hugging Face layout to directory `path` (created if needed); returns the path.
+
+    `dtype` casts floating weights (the correction bias stays fp32); `fp8=True` stores the attention/MLP/expert
+    Linear weights as float8_e4m3fn with `weight_scale_inv` per 128x128 block, as the official FP8 release.
+    Every file is written to a temporary name, fsynced and renamed.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = _all_tensors(model)
+    layout = checkpoint_layout(model)
+
+    def items() -> Iterator[tuple[str, torch.Tensor]]:
+        for key, slot in layout.items():
+            t = _slot_view(tensors, slot).detach()
+            if t.dtype.is_floating_point and not key.endswith("e_score_correction_bias"):
+                if fp8 and slot.quantizable:
+                    q, s = quantize_weight_block(t)
+                    yield key, q
+                    yield key + "_scale_inv", s
+                    continue
+                if dtype is not None:
+                    t = t.to(dtype)
+            yield key, t
+
+    def nbytes(key: str, slot: Slot) -> int:
+        numel = 1
+        for d in slot.shape:
+            numel *= d
+        if fp8 and slot.quantizable:
+            return numel
+        esize = (dtype or tensors[slot.name].dtype).itemsize
+        return numel * (4 if key.endswith("e_score_correction_bias") else esize)
+
+    # plan shards from sizes only (no tensor is materialised yet)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, slot in layout.items():
+        b = nbytes(key, slot)
+        if shards[-1] and size + b > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += b
+    n_shards = len(shards)
+    names = [SINGLE_NAME] if n_shards == 1 else [
+        f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+
+    gen = items()
+    weight_map: dict[str, str] = {}
+    total = 0
+    pending: tuple[str, torch.Tensor] | None = None
+    for fname, keys in zip(names, shards, strict=True):
+        keyset = set(keys)
+        shard: dict[str, torch.Tensor] = {}
+        while True:
+            if pending is None:
+                pending = next(gen, None)
+                if pending is None:
+                    break
+            key, t = pending
+            base = key[: -len("_scale_inv")] if key.endswith("weight_scale_inv") else key
+            if base not in keyset:
+                break
+            t = t.cpu()
+            shard[key] = t.clone() if layout.get(key, Slot("", ())).shared_copy else t.contiguous()
+            weight_map[key] = fname
+            total += t.numel() * t.element_size()
+            pending = None
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{fname}.", suffix=".tmp")
+        os.close(fd)
+        save_file(shard, tmp, metadata={"format": "pt"})
+        _fsync_replace(tmp, out / fname)
+        del shard
+    # remove weight files of an earlier save that this one no longer uses
+    for old in out.glob("model*.safetensors"):
+        if old.name not in names:
+            old.unlink()
+    if n_shards > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+    elif (out / INDEX_NAME).exists():
+        (out / INDEX_NAME).unlink()
+    cfg = model.config.to_hf_dict()
+    if fp8:
+        cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
+    save_dtype = dtype or model.model.embed_tokens.weight.dtype
+    cfg["torch_dtype"] = str(save_dtype).removeprefix("torch.")
+    _atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ load
+def _shard_files(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: missing shard file(s) named in {INDEX_NAME}: {', '.join(missing)}")
+        return [path / f for f in files]
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no safetensors weights (expected {SINGLE_NAME} or {INDEX_NAME})")
+    return files
+
+
+def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], torch.dtype]]:
+    found: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for key in sf.keys():
+                    sl = sf.get_slice(key)
+                    dt = _SAFE_DTYPES.get(sl.get_dtype())
+                    if dt is None:
+                        raise CheckpointError(f"{f.name}: key {key} has unsupported dtype {sl.get_dtype()}")
+                    if key in found:
+                        raise CheckpointError(f"key {key} appears in both {found[key][0].name} and {f.name}")
+                    found[key] = (f, tuple(sl.get_shape()), dt)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: unreadable, truncated or corrupt safetensors file ({e})") from None
+    return found
+
+
+def _check(layout: dict[str, Slot], found: dict[str, tuple[Path, tuple[int, ...], torch.dtype]]) -> None:
+    problems: list[str] = []
+    for key, slot in layout.items():
+        if key not in found:
+            if not slot.shared_copy:
+                problems.append(f"missing key {key}")
+            continue
+        f, shape, dt = found[key]
+        if shape != slot.shape:
+            problems.append(f"{f.name}: key {key} has shape {list(shape)}, expected {list(slot.shape)}")
+        if dt in _FP8_DTYPES:
+            sk = key + "_scale_inv"
+            if sk not in found:
+                problems.append(f"{f.name}: FP8 key {key} has no {sk}")
+            else:
+                want = tuple(-(-d // BLOCK) for d in shape)
+                sf, sshape, sdt = found[sk]
+                if sshape != want:
+                    problems.append(f"{sf.name}: key {sk} has shape {list(sshape)}, expected {list(want)}")
+                if sdt not in _FLOAT_DTYPES:
+                    problems.append(f"{sf.name}: key {sk} has dtype {sdt}, expected a float dtype")
+        elif dt not in _FLOAT_DTYPES:
+            problems.append(f"{f.name}: key {key} has dtype {dt}, expected a float dtype")
+    for key, (f, _, _dt) in found.items():
+        if key in layout:
+            continue
+        if key.endswith("_scale_inv") and key[: -len("_scale_inv")] in layout and \
+                found.get(key[: -len("_scale_inv")], (None, None, None))[2] in _FP8_DTYPES:
+            continue
+        problems.append(f"{f.name}: unexpected key {key}")
+    if problems:
+        head = problems[:20]
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(head) + more)
+
+
+def read_config(path: str | os.PathLike[str]) -> ModelConfig:
+    p = Path(path)
+    cfg_file = p / "config.json" if p.is_dir() else p
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{p}: no config.json")
+    return ModelConfig.from_json(cfg_file)
+
+
+def _cast_model(model: Transformer, dtype: torch.dtype) -> Transformer:
+    model.to(dtype)
+    for gate in model.moe_gates():
+        if gate.e_score_correction_bias is not None:
+            gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
+    return model
+
+
+def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+          init: bool = True) -> Transformer:
+    """A model for `cfg` on `device` in `dtype` (fp32 default), randomly initialised when `init`."""
+    dtype = dtype or torch.float32
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    _cast_model(model, dtype)
+    if device.type != "meta":
+        model.to_empty(device=device)
+        if init:
+            model.init_weights()
+    return model
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+) -> Transformer:
+    """Load an HF-layout directory into a new Transformer. dtype default: float32 (CPU-friendly)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a checkpoint directory")
+    try:
+        cfg = read_config(p)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    files = _shard_files(p)
+    found = _read_headers(files)
+    if cfg.num_nextn_predict_layers:
+        # checkpoints written by transformers carry no MTP weights: load the main model only
+        first_mtp = f"model.layers.{cfg.num_hidden_layers}."
+        if not any(k.startswith(first_mtp) for k in found):
+            warnings.warn(f"{p}: no MTP weights (model.layers.{cfg.num_hidden_layers}.*); loading without MTP",
+                          stacklevel=2)
+            cfg = cfg.replace(num_nextn_predict_layers=0)
+    with torch.device("meta"):
+        skeleton = Transformer(cfg)
+    layout = checkpoint_layout(skeleton)
+    _check(layout, found)
+    del skeleton
+    model = build(cfg, dtype, device, init=False)
+    tensors = _all_tensors(model)
+    done: set[str] = set()
+    with torch.no_grad():
+        for f in files:
+            with safe_open(f, framework="pt") as sf:
+                for key in sf.keys():
+                    slot = layout.get(key)
+                    if slot is None or slot.shared_copy:
+                        continue
+                    t = sf.get_tensor(key)
+                    if t.dtype in _FP8_DTYPES:
+                        sfile = found[key + "_scale_inv"][0]
+                        if sfile == f:
+                            s = sf.get_tensor(key + "_scale_inv")
+                        else:
+                            with safe_open(sfile, framework="pt") as other:
+                                s = other.get_tensor(key + "_scale_inv")
+                        t = dequantize_weight_block(t, s)
+                    dst = _slot_view(tensors, slot)
+                    dst.copy_(t.to(dst.dtype))
+                    done.add(key)
+    left = [k for k, s in layout.items() if not s.shared_copy and k not in done]
+    if left:  # cannot happen after _check; guards against silent partial loads
+        raise CheckpointError(f"{p}: keys not loaded: {', '.join(left[:10])}")
+    return model.eval()

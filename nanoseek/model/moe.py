@@ -1,0 +1,197 @@
+"""DeepSeekMoE: a router (Gate), fine-grained routed experts run as one grouped GEMM, and shared experts.
+
+y = sum_{i in TopK} g_i * Expert_i(x) + Shared(x)          (SPEC §1, DeepSeekMoE)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x), with checkpoint names gate/up/down_proj."""
+
+    def __init__(self, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router. Affinity s = sigmoid(x W^T) (or softmax) in fp32; selection on s + b, with group limiting;
+    weights are the unbiased s at the chosen experts, normalised (optional) and scaled."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.score_func = cfg.scoring_func
+        self.topk_method = cfg.topk_method
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if self.topk_method == "noaux_tc":
+            # b: bias for auxiliary-loss-free balancing, updated outside the optimizer (SPEC §1)
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x.float(), self.weight.float())
+        return logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T,K] fp32, expert indices [T,K]) from affinities [T,E]."""
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_method != "greedy":
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.e_score_correction_bias is None:
+                group_score = grouped.amax(dim=-1)  # V2: best expert of the group
+            else:
+                group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of the top-2
+            keep = group_score.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        idx = choice.topk(self.top_k, dim=-1).indices
+        w = scores.gather(1, idx)
+        if self.norm_topk_prob and self.top_k > 1:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.scale, idx
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.scores(x)
+        w, idx = self.route(s)
+        return w, idx, s
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype == torch.float32
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return False
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped GEMM backward needs it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return g.contiguous()
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert; rows of group e are multiplied by w[e]^T.  x [N, in], w [E, out, in]."""
+    if _grouped_mm_ok(x):
+        return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(1, 2), offs=offs))
+    # fallback (no grouped GEMM for this device/dtype): one GEMM per contiguous expert slice
+    chunks = torch.split(x, counts.tolist())
+    return torch.cat([c @ w[e].T for e, c in enumerate(chunks)], dim=0)
+
+
+class Experts(nn.Module):
+    """All routed experts as stacked weights: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.inter = cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, 2 * self.inter, cfg.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, self.inter))
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x_sorted: tokens grouped by expert (counts[e] rows for expert e, in order)."""
+        offs = counts.cumsum(0).to(torch.int32)
+        gate, up = grouped_linear(x_sorted, self.gate_up_proj, counts, offs).chunk(2, dim=-1)
+        return grouped_linear(F.silu(gate) * up, self.down_proj, counts, offs)
+
+
+def dispatch_combine(
+    x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
+    expert_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """permute -> experts -> unpermute.  x [T,H], idx/weights [T,K]; returns sum_k weights * Expert_idx(x).
+
+    The single seam for expert parallelism: an all-to-all version replaces this function only.
+    """
+    T, K = idx.shape
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    y_sorted = expert_fn(x[order // K], counts)
+    y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, -1)
+    return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+
+
+@dataclass
+class MoEStats:
+    load: torch.Tensor  # [B, E] tokens routed to each expert, per sequence
+    balance_loss: torch.Tensor  # scalar, alpha * mean_seq sum_i f_i P_i
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.alpha = cfg.aux_loss_alpha
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        B, S, H = x.shape
+        xf = x.reshape(-1, H)
+        w, idx, s = self.gate(xf)
+        y = dispatch_combine(xf, idx, w, self.n_experts, self.experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(xf)
+        with torch.no_grad():
+            load = torch.zeros(B, self.n_experts, device=x.device, dtype=torch.float32)
+            load.scatter_add_(1, idx.view(B, S * self.top_k), torch.ones(B, S * self.top_k, device=x.device))
+        return y.view(B, S, H), MoEStats(load, self.balance_loss(s.view(B, S, -1)))
+
+    def balance_loss(self, s: torch.Tensor) -> torch.Tensor:
+        """Complementary sequence-wise loss: alpha * sum_i f_i P_i per sequence, mean over sequences.
+
+        f_i = E/(K T) * #tokens whose (unbiased) top-K contains i,  P_i = mean_t s_i,t / sum_j s_j,t.
+        """
+        if not (self.training and self.alpha > 0):
+            return s.new_zeros(())
+        B, S, E = s.shape
+        with torch.no_grad():
+            top = s.topk(self.top_k, dim=-1).indices.view(B, -1)
+            f = torch.zeros(B, E, device=s.device).scatter_add_(1, top, torch.ones_like(top, dtype=torch.float32))
+            f = f * (E / (self.top_k * S))
+        p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return self.alpha * (f * p).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def update_bias(gate: Gate, load: torch.Tensor, gamma: float) -> None:
+    """Auxiliary-loss-free balancing: b_i += gamma * sign(mean_load - load_i) (load summed over the batch)."""
+    if gate.e_score_correction_bias is None:
+        return
+    load = load.float().reshape(-1, load.shape[-1]).sum(0)
+    gate.e_score_correction_bias.add_(gamma * torch.sign(load.mean() - load))

@@ -1,0 +1,29 @@
+import warnings
+
+import pytest
+import torch
+
+from nanoseek.model import ModelConfig
+
+YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A few-layer DeepSeek-V3 with every feature on: YaRN, query compression, group-limited sigmoid routing."""
+    base = dict(
+        vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+        n_group=4, topk_group=2, max_position_embeddings=512, rope_scaling=dict(YARN), initializer_range=0.1,
+        num_nextn_predict_layers=1,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore", message=".*RoPE scaling factor.*")
+    yield

@@ -1,0 +1,76 @@
+"""The training forward: main / MTP / balance losses, expert loads, MTP alignment, gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from nanoseek.model import Transformer
+
+
+def _batch(cfg, B=2, S=16):
+    data = torch.randint(0, cfg.vocab_size, (B, S + 1))
+    return data[:, :-1], data[:, 1:]
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_loss_parts_and_combination(depth):
+    cfg = tiny_config(num_nextn_predict_layers=depth, mtp_loss_weight=0.3, aux_loss_alpha=1e-2)
+    m = Transformer(cfg).train()
+    x, y = _batch(cfg)
+    out = m(x, labels=y)
+    main = F.cross_entropy(out.logits.reshape(-1, cfg.vocab_size), y.reshape(-1))
+    torch.testing.assert_close(out.main_loss, main)
+    assert len(out.mtp_losses) == depth
+    for k, (lg, loss) in enumerate(zip(out.mtp_logits, out.mtp_losses, strict=True), start=1):
+        assert lg.shape == (2, 16 - k, cfg.vocab_size)
+        torch.testing.assert_close(loss, F.cross_entropy(lg.reshape(-1, cfg.vocab_size), y[:, k:].reshape(-1)))
+    mtp = 0.3 / depth * sum(out.mtp_losses) if depth else 0.0
+    torch.testing.assert_close(out.loss, main + mtp + out.balance_loss)
+    assert out.balance_loss.item() > 0
+    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace + depth
+    assert out.expert_load.shape == (n_moe, 2, cfg.n_routed_experts)
+    assert torch.all(out.expert_load.sum(dim=(1, 2)) == torch.tensor(
+        [2 * 16 * cfg.num_experts_per_tok] * (n_moe - depth)
+        + [2 * (16 - k) * cfg.num_experts_per_tok for k in range(1, depth + 1)], dtype=torch.float32))
+
+
+def test_mtp_alignment_is_causal_plus_one():
+    """MTP depth k at position i sees tokens t_0..t_{i+k} and nothing later."""
+    cfg = tiny_config(num_nextn_predict_layers=2)
+    m = Transformer(cfg).eval()
+    x, y = _batch(cfg, B=1, S=20)
+    with torch.no_grad():
+        a = m(x, labels=y)
+        x2, y2 = x.clone(), y.clone()
+        p = 10  # change token t_10 (input position 10, label position 9)
+        x2[0, p] = (x2[0, p] + 1) % cfg.vocab_size
+        y2[0, p - 1] = x2[0, p]
+        b = m(x2, labels=y2)
+    for k in (1, 2):
+        diff = (a.mtp_logits[k - 1] - b.mtp_logits[k - 1]).abs().amax(dim=-1)[0]
+        assert torch.all(diff[: p - k] < 1e-5), k  # positions i with i + k < p are untouched
+        assert diff[p - k] > 1e-3, k  # position i = p - k embeds t_p
+
+
+def test_gradients_reach_every_parameter_but_not_the_bias():
+    cfg = tiny_config(num_nextn_predict_layers=1)
+    m = Transformer(cfg).train()
+    x, y = _batch(cfg)
+    m(x, labels=y).loss.backward()
+    names = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert names == []
+    assert all("e_score_correction_bias" not in n for n, _ in m.named_parameters())
+    assert m.moe_gates()[0].e_score_correction_bias.dtype == torch.float32
+
+
+def test_ignore_index_and_eval_mode():
+    cfg = tiny_config()
+    m = Transformer(cfg).train()
+    x, y = _batch(cfg)
+    y = y.clone()
+    y[:, :5] = -100
+    out = m(x, labels=y)
+    assert torch.isfinite(out.loss)
+    out_eval = m.eval()(x, labels=y)
+    assert out_eval.balance_loss.item() == 0.0  # the balance loss is a training-time term
