@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import MLA
 from .config import ModelConfig
+from .loss import linear_cross_entropy
 from .moe import MLP, Experts, Gate, MoE, MoEStats
 from .norm import RMSNorm
 from .rope import rope_cos_sin
@@ -85,7 +86,7 @@ class Decoder(nn.Module):
 class ModelOutput:
     """logits [B,S,V]; with labels: the combined loss and its parts; expert_load [n_moe_layers, B, E]."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     main_loss: torch.Tensor | None = None
     mtp_losses: list[torch.Tensor] = field(default_factory=list)
@@ -136,12 +137,13 @@ class Transformer(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, absorb: bool = False,
-        mtp: bool | None = None,
+        mtp: bool | None = None, return_logits: bool = True,
     ) -> ModelOutput:
         """input_ids [B,S]; labels [B,S] are the next tokens (labels[:, t] = input_ids[:, t+1]), -100 ignored.
 
         MTP module k embeds labels[:, i+k-1] (= t_{i+k}) and predicts labels[:, i+k] (= t_{i+k+1}).
-        MTP runs when labels are given (or `mtp=True`).
+        MTP runs when labels are given (or `mtp=True`). With labels and `return_logits=False` the losses are
+        computed chunk by chunk without materialising the logits (less memory; `logits` is None).
         """
         cfg = self.config
         B, S = input_ids.shape
@@ -153,8 +155,12 @@ class Transformer(nn.Module):
             h, st = layer(h, cos, sin, None, absorb)
             if st is not None:
                 stats.append(st)
-        logits = self.lm_head(self.model.norm(h))
+        fused = labels is not None and not return_logits
+        hn = self.model.norm(h)
+        logits = None if fused else self.lm_head(hn)
         out = ModelOutput(logits=logits, hidden=h)
+        if labels is not None:
+            out.main_loss = self._loss(hn, logits, labels, fused)
         run_mtp = (labels is not None) if mtp is None else mtp
         if run_mtp and len(self.mtp):
             if labels is None:
@@ -168,15 +174,15 @@ class Transformer(nn.Module):
                 h_prev, st = module(h_prev[:, :n], self.model.embed_tokens(nxt), cos[:n], sin[:n], None, absorb)
                 if st is not None:
                     stats.append(st)
-                mtp_logits = self.lm_head(module.shared_head.norm(h_prev))
-                out.mtp_logits.append(mtp_logits)
-                if labels is not None:
-                    out.mtp_losses.append(_cross_entropy(mtp_logits, labels[:, k : k + n]))
+                hn = module.shared_head.norm(h_prev)
+                mtp_logits = None if fused else self.lm_head(hn)
+                if mtp_logits is not None:
+                    out.mtp_logits.append(mtp_logits)
+                out.mtp_losses.append(self._loss(hn, mtp_logits, labels[:, k : k + n], fused))
         if stats:
             out.expert_load = torch.stack([s.load for s in stats])
             out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
         if labels is not None:
-            out.main_loss = _cross_entropy(logits, labels)
             loss = out.main_loss
             if out.mtp_losses:
                 loss = loss + cfg.mtp_loss_weight / len(self.mtp) * torch.stack(out.mtp_losses).sum()
@@ -185,6 +191,8 @@ class Transformer(nn.Module):
             out.loss = loss
         return out
 
-
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    def _loss(self, hn: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor, fused: bool) -> torch.Tensor:
+        if fused:
+            return linear_cross_entropy(hn, self.lm_head.weight, labels)
+        assert logits is not None
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)

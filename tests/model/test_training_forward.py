@@ -74,3 +74,31 @@ def test_ignore_index_and_eval_mode():
     assert torch.isfinite(out.loss)
     out_eval = m.eval()(x, labels=y)
     assert out_eval.balance_loss.item() == 0.0  # the balance loss is a training-time term
+
+
+def test_fused_loss_equals_materialised_logits():
+    """return_logits=False (chunked linear cross-entropy) gives the same losses and gradients."""
+    from nanoseek.model.loss import linear_cross_entropy
+
+    cfg = tiny_config(num_nextn_predict_layers=1)
+    m = Transformer(cfg).train()
+    x, y = _batch(cfg, S=24)
+    y = y.clone()
+    y[0, :3] = -100
+    ref = m(x, labels=y)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    out = m(x, labels=y, return_logits=False)
+    assert out.logits is None and out.mtp_logits == []
+    torch.testing.assert_close(out.main_loss, ref.main_loss)
+    torch.testing.assert_close(out.mtp_losses[0], ref.mtp_losses[0])
+    (2 * out.loss).backward()  # a non-unit upstream gradient is applied too
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * ref_grads[n], atol=1e-6, rtol=1e-4, msg=n)
+    # small chunks, and no gradient under no_grad
+    h, w = torch.randn(50, 8), torch.randn(11, 8)
+    lab = torch.randint(0, 11, (50,))
+    with torch.no_grad():
+        a = linear_cross_entropy(h, w, lab, chunk=7)
+    torch.testing.assert_close(a, F.cross_entropy(h @ w.T, lab))
