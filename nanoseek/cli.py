@@ -81,6 +81,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if diff == 0 else 1
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .data import prepare_corpus
+    from .model.config import ConfigError
+    from .train import TrainConfig, Trainer, apply_overrides
+
+    try:
+        model_cfg = _resolve_config(args.preset)
+        train_cfg = TrainConfig(seed=args.seed)
+        sets = list(args.set or [])
+        if args.steps is not None:
+            sets.append(f"steps={args.steps}")
+        model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets)
+    except ConfigError as e:
+        raise SystemExit(f"nanoseek: {e}") from None
+    out = Path(args.out)
+    data = [Path(d) for d in args.data] if args.data else []
+    if len(data) == 1 and (data[0] / "data.json").is_file():
+        data_dir = data[0]
+    else:
+        data_dir = out / "data"
+        prepare_corpus([str(d) for d in data] or None, data_dir, vocab_size=model_cfg.vocab_size,
+                       seed=args.seed, max_chars=args.max_chars)
+    info = json.loads((data_dir / "data.json").read_text())
+    if info.get("vocab_size") and info["vocab_size"] != model_cfg.vocab_size:
+        model_cfg = model_cfg.replace(vocab_size=info["vocab_size"])
+    trainer = Trainer(model_cfg, train_cfg, data_dir, out, resume=args.resume)
+    result = trainer.run()
+    state = "interrupted" if result.interrupted else "done"
+    held = f"{result.final_heldout_loss:.4f}" if result.final_heldout_loss is not None else "n/a"
+    print(f"{state}: {result.steps_done}/{train_cfg.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s, "
+          f"held-out loss {held}; metrics {out / 'metrics.jsonl'}, plots {out / 'loss.png'}")
+    return 0
+
+
+def cmd_speedrun(args: argparse.Namespace) -> int:
+    from .train.speedrun import speedrun
+
+    s = speedrun(Path(args.out), args.preset, args.minutes, args.data or None, args.max_chars, args.steps,
+                 args.set, args.seed)
+    print(json.dumps(s, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in plain PyTorch")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -100,6 +143,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("pretrain", help="pre-train a model (V3 recipe) on a corpus")
+    p.add_argument("--preset", default="tiny", help="tiny | small | v2-lite | v3 | path to config.json")
+    p.add_argument("--data", nargs="*", help="a prepared data dir (with data.json), or files/folders "
+                   "(default: the Python standard library)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--max-chars", type=int, default=None, help="cap the corpus size (characters)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training or model field")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("speedrun", help="tokenizer + corpus + pre-training + report, within a time budget")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--out", default="runs/speedrun")
+    p.add_argument("--data", nargs="*", help="files/folders (default: the Python standard library)")
+    p.add_argument("--max-chars", type=int, default=12_000_000)
+    p.add_argument("--steps", type=int, help="fixed number of steps instead of the time budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_speedrun)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,5 @@
+"""Inference."""
+
+from .sample import generate_simple
+
+__all__ = ["generate_simple"]

@@ -1,0 +1,121 @@
+"""`nanoseek speedrun`: tokenizer -> corpus -> pre-training of a DeepSeek-V3-style model -> report, on one machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import Tokenizer, prepare_corpus
+from ..eval.fim import fim_exact_match
+from ..infer.sample import generate_simple
+from ..model import preset
+from ..model.stats import model_stats
+from .config import TrainConfig, apply_overrides
+from .trainer import Trainer
+
+
+def _calibrate(model_cfg, train_cfg: TrainConfig, data_dir: Path, scratch: Path) -> float:
+    """Seconds per optimizer step, from two timed steps of a throwaway run."""
+    cfg = TrainConfig.from_dict({**train_cfg.to_dict(), "steps": 1000, "batch_ramp_frac": 0.0})
+    t = Trainer(model_cfg, cfg, data_dir, scratch, progress=False)
+    t.train_step()  # warm-up
+    t0 = time.perf_counter()
+    t.train_step()
+    t.train_step()
+    dt = (time.perf_counter() - t0) / 2
+    shutil.rmtree(scratch, ignore_errors=True)
+    return dt
+
+
+def speedrun(
+    out: Path = Path("runs/speedrun"), preset_name: str = "tiny", minutes: float = 10.0,
+    sources: list[str] | None = None, max_chars: int | None = 12_000_000, steps: int | None = None,
+    sets: list[str] | None = None, seed: int = 0, fim_cases: int = 100,
+) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = preset(preset_name)
+    train_cfg = TrainConfig(seed=seed)
+    model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, list(sets or []))
+    print(f"[1/4] corpus and tokenizer (vocab {model_cfg.vocab_size})")
+    data_dir = out / "data"
+    info = prepare_corpus(sources, data_dir, vocab_size=model_cfg.vocab_size, seed=seed, max_chars=max_chars)
+    tok = Tokenizer.load(data_dir / "tokenizer.json")
+    if tok.vocab_size != model_cfg.vocab_size:
+        model_cfg = model_cfg.replace(vocab_size=tok.vocab_size)
+    budget = minutes * 60 - (time.perf_counter() - t_start) - 75  # keep time for evaluation and the report
+    if steps is None:
+        per_step = _calibrate(model_cfg, train_cfg, data_dir, out / ".calibrate")
+        steps = max(20, int(budget / per_step))
+        print(f"[2/4] {per_step:.2f} s/step -> {steps} steps in the {budget / 60:.1f}-minute budget")
+    train_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), "steps": steps,
+                                       "eval_every": max(1, steps // 10), "ckpt_every": max(1, steps // 4)})
+    print(f"[3/4] pre-training {preset_name} ({model_stats(model_cfg).total_params / 1e6:.1f}M params) "
+          f"for {steps} steps")
+    trainer = Trainer(model_cfg, train_cfg, data_dir, out / "pretrain")
+    result = trainer.run()
+    model = trainer.model.eval()
+    print("[4/4] evaluation and report")
+    docs = [json.loads(line)["text"] for line in (data_dir / "val_docs.jsonl").read_text().splitlines() if line]
+    fim = fim_exact_match(model, tok, docs, n=fim_cases, seed=seed)
+    samples = []
+    for doc in docs[:4]:
+        prompt_text = "\n".join(doc.splitlines()[:3]) + "\n"
+        gen = generate_simple(model, tok.encode(prompt_text), 48, stop_ids={tok.eos_id})
+        samples.append((prompt_text, tok.decode(gen)))
+    train_recs = [r for r in result.history if r.get("kind") == "train"]
+    summary = {
+        "preset": preset_name, "params": model_stats(model_cfg).total_params, "steps": result.steps_done,
+        "tokens": sum(r["tokens"] for r in train_recs), "train_seconds": round(result.seconds, 1),
+        "tokens_per_s": round(sum(r["tokens"] for r in train_recs) / max(result.seconds, 1e-9)),
+        "final_train_loss": train_recs[-1]["main_loss"] if train_recs else None,
+        "heldout_loss": result.final_heldout_loss, "fim_exact_match": fim.exact_match, "fim_cases": fim.n,
+        "final_maxvio_batch": train_recs[-1]["maxvio_batch"] if train_recs else None,
+        "total_seconds": round(time.perf_counter() - t_start, 1), "corpus": info.get("stats", {}),
+        "device": str(trainer.device), "torch": torch.__version__,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_report(out, summary, fim, samples)
+    print(f"report: {out / 'report.md'}")
+    return summary
+
+
+def _write_report(out: Path, s: dict[str, Any], fim, samples: list[tuple[str, str]]) -> None:
+    lines = [
+        "# nanoseek speedrun",
+        "",
+        f"Pre-trained the `{s['preset']}` DeepSeek-V3-style model ({s['params'] / 1e6:.2f}M parameters, MLA + "
+        f"DeepSeekMoE + MTP, auxiliary-loss-free balancing) on {s['device']} with torch {s['torch']}.",
+        "",
+        "| what | value |",
+        "|---|---|",
+        f"| optimizer steps | {s['steps']} |",
+        f"| training tokens | {s['tokens']:,} |",
+        f"| training time | {s['train_seconds']} s ({s['tokens_per_s']:,} tokens/s) |",
+        f"| final train loss (main) | {s['final_train_loss']:.4f} |",
+        f"| held-out loss | {s['heldout_loss']:.4f} (perplexity {2.718281828 ** s['heldout_loss']:.1f}) |",
+        f"| FIM exact match (held-out lines) | {100 * s['fim_exact_match']:.1f}% of {s['fim_cases']} |",
+        f"| MaxVio (last batch) | {s['final_maxvio_batch']:.3f} |",
+        f"| whole run | {s['total_seconds']} s |",
+        "",
+        "![losses](pretrain/loss.png)",
+        "",
+        "Expert load over training (share of routed tokens per expert, each MoE layer):",
+        "",
+        "![expert load](pretrain/expert_load.png)",
+        "",
+        "## FIM examples (hidden line vs. generated)",
+        "",
+    ]
+    for ex in fim.examples:
+        lines += [f"- {'✓' if ex['match'] == 'True' else '✗'} `{ex['middle'].strip()}` → `{ex['generated'].strip()}`"]
+    lines += ["", "## Sample completions (greedy, 48 tokens)", ""]
+    for prompt, gen in samples:
+        lines += ["```python", prompt + gen, "```", ""]
+    (out / "report.md").write_text("\n".join(lines))
