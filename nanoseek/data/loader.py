@@ -1,0 +1,92 @@
+"""Batches of packed token windows from a shard, with exact resume."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .shards import TokenShard
+
+
+def _n_windows(shard: TokenShard, seq_len: int) -> int:
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    return max(len(shard) - 1, 0) // seq_len
+
+
+def _gather(shard: TokenShard, windows: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = windows.astype(np.int64)[:, None] * seq_len + np.arange(seq_len + 1, dtype=np.int64)[None, :]
+    data = torch.from_numpy(np.asarray(shard.tokens[idx], dtype=np.int64))
+    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+class PackedBatches:
+    """Training batches from a shard of packed documents.
+
+    Window k holds tokens [k*seq_len, (k+1)*seq_len + 1): consecutive windows share one boundary token, so every
+    token after the first is predicted exactly once per epoch. Each epoch visits all windows in a permutation
+    seeded by (seed, epoch); a batch that runs past the end of an epoch continues into the next one."""
+
+    def __init__(self, shard: TokenShard, batch_size: int, seq_len: int, seed: int = 0) -> None:
+        self.shard, self.batch_size, self.seq_len, self.seed = shard, batch_size, seq_len, seed
+        self.n_windows = _n_windows(shard, seq_len)
+        if self.n_windows == 0:
+            raise ValueError(f"{shard.path}: {len(shard)} tokens are too few for one window of {seq_len + 1}")
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+
+    def next_batch(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids [B, S], labels [B, S]) as int64; labels are the inputs shifted left by one token.
+        `batch_size` overrides self.batch_size for this call (batch-size ramps)."""
+        bs = self.batch_size if batch_size is None else batch_size
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {bs}")
+        picked = []
+        need = bs
+        while need:
+            take = self._perm[self.pos:self.pos + need]
+            picked.append(take)
+            need -= len(take)
+            self.pos += len(take)
+            if self.pos >= self.n_windows:
+                self.epoch += 1
+                self.pos = 0
+                self._perm = self._permutation(self.epoch)
+        return _gather(self.shard, np.concatenate(picked), self.seq_len)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain (JSON-able) position in the data stream."""
+        return {"seed": self.seed, "epoch": self.epoch, "pos": self.pos, "seq_len": self.seq_len,
+                "n_windows": self.n_windows, "tokens": len(self.shard),
+                "tokenizer_hash": self.shard.header.tokenizer_hash}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Continue exactly where the `state_dict` was taken (same shard and seq_len required; the batch size is
+        not part of the state, since batches are consecutive slices of one window stream)."""
+        if d["seq_len"] != self.seq_len or d["n_windows"] != self.n_windows or d.get("tokens", len(self.shard)) != len(
+                self.shard):
+            raise ValueError(
+                f"data state is for {d.get('tokens')} tokens in {d['n_windows']} windows of seq_len {d['seq_len']}, "
+                f"but this loader has {len(self.shard)} tokens in {self.n_windows} windows of seq_len {self.seq_len}"
+            )
+        self.seed, self.epoch, self.pos = int(d["seed"]), int(d["epoch"]), int(d["pos"])
+        self._perm = self._permutation(self.epoch)
+
+
+def heldout_batches(shard: TokenShard, batch_size: int, seq_len: int,
+                    max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed evaluation batches: up to max_batches * batch_size windows spread evenly over the shard, in order.
+    The last batch may be smaller; ValueError if the shard cannot fill a single window."""
+    if batch_size < 1 or max_batches < 1:
+        raise ValueError(f"batch_size and max_batches must be >= 1, got {batch_size} and {max_batches}")
+    n_windows = _n_windows(shard, seq_len)
+    if n_windows == 0:
+        raise ValueError(f"{shard.path}: {len(shard)} held-out tokens are too few for one window of {seq_len + 1}")
+    n = min(n_windows, max_batches * batch_size)
+    windows = np.arange(n, dtype=np.int64) * n_windows // n
+    return [_gather(shard, windows[i:i + batch_size], seq_len) for i in range(0, n, batch_size)]

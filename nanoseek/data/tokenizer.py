@@ -1,0 +1,178 @@
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`) with DeepSeek's special tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+# DeepSeek spells its specials with full-width bars (U+FF5C) and U+2581 instead of spaces. The order here is the
+# id order `train_tokenizer` gives them (bos 0, eos 1, ...); loaded tokenizers are searched by content instead.
+SPECIAL_TOKENS: dict[str, str] = {
+    "bos": "<\uff5cbegin\u2581of\u2581sentence\uff5c>",
+    "eos": "<\uff5cend\u2581of\u2581sentence\uff5c>",
+    "pad": "<\uff5c\u2581pad\u2581\uff5c>",
+    "fim_begin": "<\uff5cfim\u2581begin\uff5c>",
+    "fim_hole": "<\uff5cfim\u2581hole\uff5c>",
+    "fim_end": "<\uff5cfim\u2581end\uff5c>",
+    "user": "<\uff5cUser\uff5c>",
+    "assistant": "<\uff5cAssistant\uff5c>",
+    "think": "<think>",
+    "think_end": "</think>",
+    "answer": "<answer>",
+    "answer_end": "</answer>",
+}
+
+# Fallback spellings so that non-DeepSeek tokenizer.json files (GPT-2, Llama, ...) still load.
+_FALLBACKS: dict[str, tuple[str, ...]] = {
+    "bos": ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"),
+    "eos": ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"),
+    "pad": ("<pad>", "<|pad|>"),
+}
+
+# Pre-tokenisation: digits in runs of at most three, then identifiers (letters/underscore, with one optional leading
+# space), punctuation runs (absorbing trailing newlines), newline runs, and whitespace runs that leave their last
+# space to the following word, which keeps code indentation in few, reusable tokens.
+_DIGITS = r"\p{N}{1,3}"
+_PIECES = (
+    r" ?[\p{L}_][\p{L}\p{M}_]*"
+    r"| ?[^\s\p{L}\p{N}_]+[\r\n]*"
+    r"|\s*[\r\n]+"
+    r"|\s+(?!\S)"
+    r"|\s+"
+)
+
+
+def _canonical_hash(json_text: str) -> str:
+    canonical = json.dumps(json.loads(json_text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids of DeepSeek's special tokens, found by their content.
+
+    `encode` never adds bos/eos. Ids of specials the vocabulary lacks are None (bos/eos are required)."""
+
+    def __init__(self, backend: HFTokenizer) -> None:
+        self.backend = backend
+        self._plain: HFTokenizer | None = None  # copy that encodes special-token strings as ordinary text
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self.vocab_size: int = max(vocab.values()) + 1 if vocab else 0
+        self.special_ids: dict[str, int] = {}
+        for name, content in SPECIAL_TOKENS.items():
+            tid = backend.token_to_id(content)
+            if tid is None:
+                for alt in _FALLBACKS.get(name, ()):
+                    tid = backend.token_to_id(alt)
+                    if tid is not None:
+                        break
+            if tid is not None:
+                self.special_ids[name] = tid
+        if "eos" not in self.special_ids:
+            raise ValueError(
+                f"tokenizer has no end-of-sentence token (looked for {SPECIAL_TOKENS['eos']!r} and "
+                f"{', '.join(_FALLBACKS['eos'])})"
+            )
+        self.special_ids.setdefault("bos", self.special_ids["eos"])  # GPT-2 style: one token for both
+        self.bos_id: int = self.special_ids["bos"]
+        self.eos_id: int = self.special_ids["eos"]
+        self.pad_id: int | None = self.special_ids.get("pad")
+        self.fim_begin_id: int | None = self.special_ids.get("fim_begin")
+        self.fim_hole_id: int | None = self.special_ids.get("fim_hole")
+        self.fim_end_id: int | None = self.special_ids.get("fim_end")
+        self.hash: str = _canonical_hash(backend.to_str())
+
+    # ------------------------------------------------------------------------------------------ files
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load any tokenizer.json (ours, DeepSeek's, ...) without modifying it."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer.json there")
+        return cls(HFTokenizer.from_file(str(path)))
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json atomically (a directory gets `tokenizer.json` inside it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(self.backend.to_str(pretty=True))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------------------ coding
+    def _backend(self, allow_special: bool) -> HFTokenizer:
+        if allow_special:
+            return self.backend
+        if self._plain is None:
+            plain = HFTokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Token ids of `text`; no bos/eos added. With allow_special=False, special-token strings occurring in the
+        text (e.g. a literal "<think>") are encoded as ordinary text instead of as the special id."""
+        return self._backend(allow_special).encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], allow_special: bool = True) -> list[list[int]]:
+        """`encode` over many texts, in parallel."""
+        encs = self._backend(allow_special).encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encs]
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        """Text of `ids` (a list, numpy array or tensor); with skip_special, special tokens are left out."""
+        seq = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        return self.backend.decode(seq, skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, tid: int) -> str | None:
+        return self.backend.id_to_token(tid)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, hash={self.hash}, specials={len(self.special_ids)})"
+
+
+def _empty_bpe() -> HFTokenizer:
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_DIGITS), behavior="isolated"),
+        pre_tokenizers.Split(Regex(_PIECES), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                    show_progress: bool = True) -> Tokenizer:
+    """Train a byte-level BPE on `texts`. The specials come first (bos id 0, eos id 1, ...), then the 256 bytes;
+    `vocab_size` counts all of them (the result can be smaller if the corpus runs out of merges)."""
+    minimum = len(SPECIAL_TOKENS) + 256
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size {vocab_size} is too small: need at least {minimum} (specials + 256 bytes)")
+    tok = _empty_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    out = Tokenizer(tok)
+    assert out.bos_id == 0 and out.eos_id == 1
+    return out
