@@ -4,17 +4,15 @@ STAMP := .venv/.installed
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	python3.11 -m venv .venv || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-.PHONY: demo test lint bench install
+.PHONY: demo test lint bench balancing install
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m nanoseek info tiny small v2-lite v3
-	$(PY) -m nanoseek demo --preset tiny --out runs/demo
+	$(PY) -m nanoseek speedrun --out runs/speedrun
 
 test: $(STAMP)
 	$(PY) -m ruff check nanoseek tests benchmarks
@@ -25,3 +23,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_pretrain.py
+
+balancing: $(STAMP)
+	$(PY) benchmarks/balancing_study.py

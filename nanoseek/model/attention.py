@@ -73,11 +73,15 @@ class MLA(nn.Module):
         """softmax(q.k * scale) v over expanded heads; mask is bool [.., S, T] (True = attend) or None = causal."""
         k, v = self.expand_kv(c_kv, k_pe)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        if self.v_dim < self.qk_dim:
+            # zero-pad V to the q/k head size: the flash kernels need equal sizes (else SDPA's math path keeps
+            # the S x S weights for backward); the padded output columns are exactly zero and are dropped
+            v = F.pad(v, (0, self.qk_dim - self.v_dim))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None, scale=self.scale,
         )
-        return out.transpose(1, 2)  # [B,S,H,dv]
+        return out.transpose(1, 2)[..., : self.v_dim]  # [B,S,H,dv]
 
     def attend_absorbed(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,

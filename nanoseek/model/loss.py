@@ -51,7 +51,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 1024, ignore_index: int = -100
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 256, ignore_index: int = -100
 ) -> torch.Tensor:
     """mean CE of logits = h @ weight.T against labels (ignore_index skipped). h [..., D], labels [...]."""
     h2 = h.reshape(-1, h.shape[-1])

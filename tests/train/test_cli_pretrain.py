@@ -1,0 +1,38 @@
+"""`nanoseek pretrain` and `nanoseek speedrun` end to end at a toy size."""
+
+import json
+
+from nanoseek.cli import main
+
+SMALL = ["--set", "hidden_size=64", "--set", "num_hidden_layers=2", "--set", "seq_len=32", "--set", "batch_size=2",
+         "--set", "micro_batch_size=2", "--set", "eval_batches=1"]
+
+
+def test_pretrain_cli_then_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--preset", "tiny", "--out", str(out), "--steps", "3", "--max-chars", "200000",
+                 *SMALL]) == 0
+    assert "done: 3/3 steps" in capsys.readouterr().out
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["train"]["steps"] == 3 and resolved["model"]["hidden_size"] == 64
+    # a longer run resumes from step 3 with the same data directory
+    assert main(["pretrain", "--preset", "tiny", "--data", str(out / "data"), "--out", str(out), "--resume",
+                 "--steps", "5", *SMALL]) == 0
+    text = capsys.readouterr().out
+    assert "resumed from" in text and "done: 5/5 steps" in text
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_speedrun_writes_report(tmp_path):
+    out = tmp_path / "sr"
+    assert main(["speedrun", "--out", str(out), "--steps", "3", "--max-chars", "300000", *SMALL]) == 0
+    report = (out / "report.md").read_text()
+    for needle in ("held-out loss", "FIM exact match", "pretrain/loss.png", "pretrain/expert_load.png",
+                   "Sample completions"):
+        assert needle in report
+    assert (out / "pretrain" / "loss.png").stat().st_size > 1000
+    assert (out / "pretrain" / "expert_load.png").stat().st_size > 1000
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 3 and s["heldout_loss"] > 0
