@@ -36,7 +36,8 @@ def fim_exact_match(
     model: Transformer, tok, docs: list[str], n: int = 100, seed: int = 0, prefix_tokens: int = 96,
     suffix_tokens: int = 48, max_new_tokens: int = 24,
 ) -> FimResult:
-    """Share of cases whose greedy middle equals the hidden line (whitespace-stripped)."""
+    """Share of cases whose greedy middle equals the hidden line (whitespace-stripped): single-line infilling,
+    so the middle ends at eos or at the first newline, whichever comes first."""
     if tok.fim_begin_id is None or tok.fim_hole_id is None or tok.fim_end_id is None:
         raise ValueError("the tokenizer has no FIM tokens")
     cases = make_fim_cases(docs, n, seed)
@@ -47,7 +48,7 @@ def fim_exact_match(
         s = tok.encode(suffix)[:suffix_tokens]
         prompt = [tok.fim_begin_id, *p, tok.fim_hole_id, *s, tok.fim_end_id]
         gen = generate_simple(model, prompt, max_new_tokens, stop_ids={tok.eos_id})
-        text = tok.decode(gen)
+        text = tok.decode(gen).split("\n", 1)[0]
         ok = text.strip() == middle.strip()
         hits += ok
         if len(examples) < 5:
