@@ -27,3 +27,26 @@ def _seed():
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message=".*RoPE scaling factor.*")
     yield
+
+
+# ---- shared fixtures of the tests/data suite (its helpers live in tests/data/data_helpers.py; imported lazily
+# because that folder is on sys.path only while its tests run)
+@pytest.fixture
+def tok():
+    from data_helpers import small_tokenizer
+
+    return small_tokenizer()
+
+
+@pytest.fixture(name="stdlib_texts")
+def _stdlib_texts() -> list[str]:
+    from data_helpers import stdlib_texts
+
+    return list(stdlib_texts())
+
+
+@pytest.fixture
+def unicode_code() -> str:
+    from data_helpers import UNICODE_CODE
+
+    return UNICODE_CODE

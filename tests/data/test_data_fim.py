@@ -2,25 +2,9 @@ import random
 
 import pytest
 import tokenizers
-from data_helpers import UNICODE_CODE, small_tokenizer, stdlib_texts
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from nanoseek.data import Tokenizer, apply_fim, fim_split, tokenize_documents
-
-
-@pytest.fixture
-def tok() -> Tokenizer:
-    return small_tokenizer()
-
-
-@pytest.fixture(name="stdlib_texts")
-def _stdlib_texts() -> list[str]:
-    return list(stdlib_texts())
-
-
-@pytest.fixture
-def unicode_code() -> str:
-    return UNICODE_CODE
 
 
 def _parts(tok, ids):

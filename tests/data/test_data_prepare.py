@@ -1,14 +1,8 @@
 import json
 
 import pytest
-from data_helpers import small_tokenizer
 
 from nanoseek.data import PackedBatches, Tokenizer, TokenShard, heldout_batches, iter_documents, prepare_corpus
-
-
-@pytest.fixture
-def tok() -> Tokenizer:
-    return small_tokenizer()
 
 
 def _split_docs(ids: list[int], eos: int) -> list[list[int]]:

@@ -5,27 +5,11 @@ import numpy as np
 import pytest
 import tokenizers
 import torch
-from data_helpers import UNICODE_CODE, small_tokenizer, stdlib_texts
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
 from nanoseek.data import SPECIAL_TOKENS, Tokenizer, apply_fim, train_tokenizer
 
 BOS, EOS, PAD = SPECIAL_TOKENS["bos"], SPECIAL_TOKENS["eos"], SPECIAL_TOKENS["pad"]
-
-
-@pytest.fixture
-def tok() -> Tokenizer:
-    return small_tokenizer()
-
-
-@pytest.fixture(name="stdlib_texts")
-def _stdlib_texts() -> list[str]:
-    return list(stdlib_texts())
-
-
-@pytest.fixture
-def unicode_code() -> str:
-    return UNICODE_CODE
 
 
 def test_special_spellings():

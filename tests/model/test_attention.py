@@ -10,13 +10,18 @@ from nanoseek.model import MLA, Transformer, preset
 from nanoseek.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
-@pytest.mark.parametrize("q_lora", [48, None])
-def test_naive_and_absorbed_attention_agree(q_lora):
-    cfg = tiny_config(q_lora_rank=q_lora)
+def _random_mla(cfg) -> MLA:
     attn = MLA(cfg)
     for p in attn.parameters():
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.2)
+    return attn
+
+
+@pytest.mark.parametrize("q_lora", [48, None])
+def test_naive_and_absorbed_attention_agree(q_lora):
+    cfg = tiny_config(q_lora_rank=q_lora)
+    attn = _random_mla(cfg)
     x = torch.randn(2, 23, cfg.hidden_size)
     cos, sin = rope_cos_sin(cfg, torch.arange(23))
     naive = attn(x, cos, sin, absorb=False)
@@ -28,10 +33,7 @@ def test_naive_and_absorbed_attention_agree(q_lora):
 def test_absorbed_with_explicit_mask_matches_prefix():
     """Attention over a prefix of keys with a rectangular mask equals the causal result at those queries."""
     cfg = tiny_config()
-    attn = MLA(cfg)
-    for p in attn.parameters():
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, std=0.2)
+    attn = _random_mla(cfg)
     x = torch.randn(1, 10, cfg.hidden_size)
     cos, sin = rope_cos_sin(cfg, torch.arange(10))
     full = attn(x, cos, sin, absorb=True)
