@@ -1,5 +1,16 @@
-"""FP8 (E4M3) fine-grained quantisation."""
+"""FP8 (E4M3) fine-grained quantisation: 1x128 activation tiles, 128x128 weight blocks, FP8 GEMMs."""
 
-from .quant import BLOCK, FP8_MAX, dequantize_weight_block, quantize_weight_block
+from .linear import Fp8Linear, fp8_gemm, fp8_linear
+from .quant import (
+    BLOCK,
+    FP8_MAX,
+    dequantize_tiles,
+    dequantize_weight_block,
+    quantize_tiles,
+    quantize_weight_block,
+)
 
-__all__ = ["BLOCK", "FP8_MAX", "dequantize_weight_block", "quantize_weight_block"]
+__all__ = [
+    "BLOCK", "FP8_MAX", "Fp8Linear", "dequantize_tiles", "dequantize_weight_block", "fp8_gemm", "fp8_linear",
+    "quantize_tiles", "quantize_weight_block",
+]

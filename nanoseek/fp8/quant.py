@@ -49,3 +49,31 @@ def dequantize_weight_block(
             f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {want} for weight {(rows, cols)}"
         )
     return (q.float() * _expand_scale(scale_inv.float(), q.shape, block)).to(dtype)
+
+
+def quantize_tiles(
+    x: torch.Tensor, tile: int = BLOCK, pow2_scale: bool = False, amax_floor: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations per 1 x `tile` tile along the last dim: x [M, K] -> (fp8 [M, K], scale fp32 [M, ceil(K/tile)]).
+
+    scale = max(amax(tile), 1e-4) / 448, optionally rounded up to a power of two (`2^ceil(log2 s)`); a last tile
+    narrower than `tile` (K not a multiple) is scaled by its own amax.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor, got shape {tuple(x.shape)}")
+    m, k = x.shape
+    n_t = -(-k // tile)
+    xf = x.float()
+    if k % tile:
+        xf = torch.nn.functional.pad(xf, (0, n_t * tile - k))
+    tiles = xf.view(m, n_t, tile)
+    scale = tiles.abs().amax(dim=-1).clamp_min(amax_floor) / FP8_MAX
+    if pow2_scale:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (tiles / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).view(m, n_t * tile)[:, :k]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
+def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor, tile: int = BLOCK) -> torch.Tensor:
+    """Inverse of `quantize_tiles`, in fp32."""
+    return q.float() * scale.repeat_interleave(tile, dim=1)[:, : q.shape[1]]

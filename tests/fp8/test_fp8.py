@@ -1,0 +1,114 @@
+"""FP8 quantisation bounds and the emulated FP8 GEMMs (Fprop / Dgrad / Wgrad)."""
+
+import math
+
+import pytest
+import torch
+
+from nanoseek.fp8 import (
+    Fp8Linear,
+    dequantize_tiles,
+    dequantize_weight_block,
+    fp8_linear,
+    quantize_tiles,
+    quantize_weight_block,
+)
+
+E4M3_REL = 2.0**-4  # half of the 3-bit mantissa step: worst relative rounding error of a normal E4M3 value
+E4M3_MIN_SUB = 2.0**-9  # smallest E4M3 subnormal: absolute error floor, in units of the scale
+
+
+@pytest.mark.parametrize("k", [128, 200, 37])
+def test_tile_quantisation_error_bounded(k):
+    x = torch.randn(17, k) * torch.logspace(-3, 2, 17)[:, None]  # rows of very different magnitudes
+    q, s = quantize_tiles(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (17, math.ceil(k / 128))
+    err = (dequantize_tiles(q, s) - x).abs()
+    bound = torch.maximum(x.abs() * E4M3_REL, s.repeat_interleave(128, 1)[:, :k] * E4M3_MIN_SUB / 2)
+    assert torch.all(err <= bound * (1 + 1e-6))
+    # every tile, the ragged last one included, uses its full range: its largest |value| maps to 448
+    n_t = math.ceil(k / 128)
+    qa = torch.nn.functional.pad(q.float().abs(), (0, n_t * 128 - k)).view(17, n_t, 128).amax(-1)
+    assert torch.all(qa == 448.0)
+
+
+def test_ragged_edge_tile_has_its_own_scale():
+    x = torch.ones(2, 200)
+    x[:, 128:] = 1e-2  # the 72-wide edge tile
+    _, s = quantize_tiles(x)
+    torch.testing.assert_close(s[:, 1], torch.full((2,), 1e-2 / 448))
+    w = torch.ones(130, 260)
+    w[128:, 256:] = 3.0
+    q, ws = quantize_weight_block(w)
+    assert ws.shape == (2, 3) and ws[1, 2].item() == pytest.approx(3.0 / 448)
+    torch.testing.assert_close(dequantize_weight_block(q, ws), w)  # ones and threes are exact in E4M3
+
+
+def test_power_of_two_scales():
+    x = torch.randn(8, 300) * 7
+    _, s = quantize_tiles(x, pow2_scale=True)
+    assert torch.all(torch.log2(s) == torch.round(torch.log2(s)))
+    _, ws = quantize_weight_block(torch.randn(200, 300), pow2_scale=True)
+    assert torch.all(torch.log2(ws) == torch.round(torch.log2(ws)))
+    # the rounded-up scale never lets a value overflow 448
+    q, s2 = quantize_tiles(x, pow2_scale=True)
+    assert torch.isfinite(q.float()).all()
+
+
+def test_emulated_gemm_equals_block_scaled_reference():
+    """y = x W^T computed as FP8 integer-like products per 128-slice, scaled by both scales (hardware order)."""
+    torch.manual_seed(1)
+    x, w = torch.randn(9, 300), torch.randn(140, 300)
+    xq, xs = quantize_tiles(x)
+    wq, ws = quantize_weight_block(w)
+    ref = torch.zeros(9, 140, dtype=torch.float64)
+    for c in range(3):
+        sl = slice(128 * c, 128 * (c + 1))
+        prod = xq[:, sl].double() @ wq[:, sl].double().T  # raw FP8 values, no scales
+        w_scale = ws[:, c].double().repeat_interleave(128)[:140]  # per output row: its block's scale
+        ref += prod * xs[:, c].double()[:, None] * w_scale[None, :]
+    y = fp8_linear(x, w)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    # and it is a good approximation of the exact product
+    exact = x @ w.T
+    assert (y - exact).norm() / exact.norm() < 0.05
+
+
+def test_fp8_linear_gradients_close_to_bf16():
+    """Input and weight gradients within 5% (relative Frobenius error) of an fp32 reference, as bf16 is."""
+    torch.manual_seed(2)
+    x = torch.randn(256, 384, requires_grad=True)
+    lin = Fp8Linear(384, 200)
+    torch.nn.init.normal_(lin.weight, std=0.05)
+    dy = torch.randn(256, 200)
+    lin(x).backward(dy)
+    gx, gw = x.grad.clone(), lin.weight.grad.clone()
+    x.grad = None
+    w = lin.weight.detach().clone().requires_grad_()
+    (x @ w.T).backward(dy)
+    rx, rw = x.grad, w.grad
+    xb = x.detach().bfloat16().requires_grad_()
+    wb = w.detach().bfloat16().requires_grad_()
+    (xb @ wb.T).backward(dy.bfloat16())
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    assert rel(gx, rx) < 0.05 and rel(gw, rw) < 0.05
+    assert rel(gx, rx) > rel(xb.grad, rx)  # FP8 is coarser than bf16, as expected
+    assert gx.dtype == torch.float32 and gw.dtype == torch.float32
+
+
+def test_fp8_linear_saves_fp8_activations():
+    lin = Fp8Linear(256, 128)
+    x = torch.randn(64, 256, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lin(x).sum().backward()
+    assert (torch.float8_e4m3fn, (64, 256)) in saved  # the activation, a quarter of its fp32 memory
+    assert not any(dt == torch.float32 and shape == (64, 256) for dt, shape in saved)
