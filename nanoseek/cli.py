@@ -92,6 +92,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         sets = list(args.set or [])
         if args.steps is not None:
             sets.append(f"steps={args.steps}")
+        if args.fp8:
+            sets.append("fp8=true")
         model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets)
     except ConfigError as e:
         raise SystemExit(f"nanoseek: {e}") from None
@@ -118,8 +120,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_speedrun(args: argparse.Namespace) -> int:
     from .train.speedrun import speedrun
 
+    sets = list(args.set or []) + (["fp8=true"] if args.fp8 else [])
     s = speedrun(Path(args.out), args.preset, args.minutes, args.data or None, args.max_chars, args.steps,
-                 args.set, args.seed)
+                 sets, args.seed)
     print(json.dumps(s, indent=2))
     return 0
 
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-chars", type=int, default=None, help="cap the corpus size (characters)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training or model field")
+    p.add_argument("--fp8", action="store_true", help="FP8 GEMMs with fine-grained scales (emulated on CPU)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("speedrun", help="tokenizer + corpus + pre-training + report, within a time budget")
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="fixed number of steps instead of the time budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--fp8", action="store_true", help="FP8 training (emulated on CPU)")
     p.set_defaults(func=cmd_speedrun)
 
     args = parser.parse_args(argv)

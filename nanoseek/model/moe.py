@@ -117,10 +117,17 @@ class Experts(nn.Module):
         self.inter = cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, 2 * self.inter, cfg.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, self.inter))
+        self.fp8 = False  # set by nanoseek.fp8.convert_to_fp8: both GEMMs (and their backward) in FP8
+        self.fp8_pow2_scale = False
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted: tokens grouped by expert (counts[e] rows for expert e, in order)."""
         offs = counts.cumsum(0).to(torch.int32)
+        if self.fp8 and _grouped_mm_ok(x_sorted):
+            from ..fp8.grouped import fp8_grouped_linear
+
+            gate, up = fp8_grouped_linear(x_sorted, self.gate_up_proj, offs, self.fp8_pow2_scale).chunk(2, dim=-1)
+            return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, offs, self.fp8_pow2_scale)
         gate, up = grouped_linear(x_sorted, self.gate_up_proj, counts, offs).chunk(2, dim=-1)
         return grouped_linear(F.silu(gate) * up, self.down_proj, counts, offs)
 

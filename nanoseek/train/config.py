@@ -54,6 +54,8 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     device: str = "auto"  # auto: cuda if available, else cpu
+    fp8: bool = False  # FP8 GEMMs (attention projections, MLPs, experts) with fine-grained scales (SPEC §3)
+    fp8_pow2_scale: bool = False  # round FP8 scales up to powers of two (ue8m0)
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import PackedBatches, TokenShard, heldout_batches
+from ..fp8 import convert_to_fp8
 from ..io import build
 from ..model import ModelConfig, Transformer, update_bias
 from .checkpoint import load_latest, restore_optimizer, save_training_checkpoint, set_rng_state
@@ -65,12 +66,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if resumed is None:
             self.model: Transformer = build(model_cfg, torch.float32, self.device)
+            if cfg.fp8:
+                convert_to_fp8(self.model, cfg.fp8_pow2_scale)
             self.optimizer = build_optimizer(self.model, cfg)
         else:
             path, self.model, opt_tensors, state, rng = resumed
             if self.model.config.to_dict() != model_cfg.to_dict():
                 raise ValueError(f"{path}: checkpoint model config differs from the requested one")
             self.model.train()
+            if cfg.fp8:
+                convert_to_fp8(self.model, cfg.fp8_pow2_scale)
             self.optimizer = build_optimizer(self.model, cfg)
             restore_optimizer(self.optimizer, opt_tensors, state["optimizer"])
             self.loader.load_state_dict(state["data"])

@@ -112,3 +112,55 @@ def test_fp8_linear_saves_fp8_activations():
         lin(x).sum().backward()
     assert (torch.float8_e4m3fn, (64, 256)) in saved  # the activation, a quarter of its fp32 memory
     assert not any(dt == torch.float32 and shape == (64, 256) for dt, shape in saved)
+
+
+def test_fp8_grouped_matches_per_expert_fp8_and_fp32():
+    from nanoseek.fp8 import fp8_grouped_linear
+
+    torch.manual_seed(3)
+    counts = torch.tensor([70, 0, 130, 56])
+    x = torch.randn(int(counts.sum()), 192, requires_grad=True)
+    w = (torch.randn(4, 160, 192) * 0.05).requires_grad_()
+    offs = counts.cumsum(0).to(torch.int32)
+    y = fp8_grouped_linear(x, w, offs)
+    # forward: exactly per-expert FP8 Linear (same tiles and blocks), up to fp32 summation order
+    ref = torch.cat([fp8_linear(xe, w[e]) for e, xe in enumerate(torch.split(x, counts.tolist()))])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad, w.grad = None, None
+    exact = torch.cat([xe @ w[e].T for e, xe in enumerate(torch.split(x, counts.tolist()))])
+    exact.backward(dy)
+    assert (gx - x.grad).norm() / x.grad.norm() < 0.05
+    assert (gw - w.grad).norm() / w.grad.norm() < 0.05
+    assert gw[1].abs().max() == 0  # an expert with no tokens gets no gradient
+
+
+def test_converted_model_trains_and_keeps_checkpoint_names():
+    from conftest import tiny_config
+
+    from nanoseek.fp8 import convert_to_fp8, count_fp8_gemms
+    from nanoseek.model import Transformer
+
+    # all main layers dense for the logits comparison: in a random MoE, FP8 rounding flips top-k choices
+    # (each FP8 GEMM is ~3-5% off in relative terms; through 24 of them the logits end up ~5% off)
+    cfg = tiny_config(hidden_size=128, q_lora_rank=128, first_k_dense_replace=3, initializer_range=0.02)
+    ref = Transformer(cfg).eval()
+    m = Transformer(cfg).eval()
+    m.load_state_dict(ref.state_dict())
+    keys = list(m.state_dict())
+    convert_to_fp8(m)
+    assert list(m.state_dict()) == keys
+    assert isinstance(m.model.layers[0].self_attn.kv_b_proj, Fp8Linear)
+    assert isinstance(m.model.layers[0].mlp.up_proj, Fp8Linear)
+    assert type(m.lm_head) is torch.nn.Linear and type(m.mtp[0].eh_proj) is torch.nn.Linear
+    assert count_fp8_gemms(m) > 10
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        a, b = ref(x).logits, m(x).logits
+    assert 0 < ((a - b).norm() / a.norm()).item() < 0.05
+    m = convert_to_fp8(Transformer(tiny_config(hidden_size=128, q_lora_rank=128)))  # MoE layers too
+    out = m.train()(x[:, :-1], labels=x[:, 1:], return_logits=False)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())

@@ -1,0 +1,29 @@
+"""Switch a model's GEMMs to FP8 where DeepSeek-V3 does: attention projections, dense MLPs, shared and routed
+experts. Embedding, output head, MoE gate, norms, MTP's eh_proj and the attention core stay in high precision.
+Parameter names do not change, so checkpoints are the same with and without FP8."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..model import MLA, MLP, Experts, Transformer
+from .linear import Fp8Linear
+
+
+def convert_to_fp8(model: Transformer, pow2_scale: bool = False) -> Transformer:
+    """In place: Linear layers of MLA and MLP/shared experts become Fp8Linear; routed experts run FP8 GEMMs."""
+    for module in list(model.modules()):
+        if isinstance(module, (MLA, MLP)):
+            for name, child in list(module.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(module, name, Fp8Linear.from_linear(child, pow2_scale))
+        elif isinstance(module, Experts):
+            module.fp8 = True
+            module.fp8_pow2_scale = pow2_scale
+    return model
+
+
+def count_fp8_gemms(model: Transformer) -> int:
+    """Number of FP8 GEMM sites (Fp8Linear modules + FP8 expert groups)."""
+    return sum(isinstance(m, Fp8Linear) for m in model.modules()) + sum(
+        2 * (isinstance(m, Experts) and m.fp8) for m in model.modules())
