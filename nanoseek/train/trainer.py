@@ -6,6 +6,7 @@ import json
 import math
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ class Trainer:
         sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         loads = []
         done = 0
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         while done < n_seq:
             mb = min(cfg.micro_batch_size, n_seq - done)
             x, y = self.loader.next_batch(mb)
@@ -213,11 +214,3 @@ class Trainer:
             plot_losses(records, self.out_dir / "loss.png")
             plot_expert_heatmap(records, self.out_dir / "expert_load.png")
         return TrainResult(self.out_dir, self.step, last_eval, self._stop, tokens, seconds, history)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
