@@ -137,13 +137,14 @@ class Transformer(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, absorb: bool = False,
-        mtp: bool | None = None, return_logits: bool = True,
+        mtp: bool | None = None, return_logits: bool = True, mtp_loss_weight: float | None = None,
     ) -> ModelOutput:
         """input_ids [B,S]; labels [B,S] are the next tokens (labels[:, t] = input_ids[:, t+1]), -100 ignored.
 
         MTP module k embeds labels[:, i+k-1] (= t_{i+k}) and predicts labels[:, i+k] (= t_{i+k+1}).
         MTP runs when labels are given (or `mtp=True`). With labels and `return_logits=False` the losses are
         computed chunk by chunk without materialising the logits (less memory; `logits` is None).
+        `mtp_loss_weight` overrides lambda (config `mtp_loss_weight`) for a training schedule.
         """
         cfg = self.config
         B, S = input_ids.shape
@@ -185,7 +186,8 @@ class Transformer(nn.Module):
         if labels is not None:
             loss = out.main_loss
             if out.mtp_losses:
-                loss = loss + cfg.mtp_loss_weight / len(self.mtp) * torch.stack(out.mtp_losses).sum()
+                lam = cfg.mtp_loss_weight if mtp_loss_weight is None else mtp_loss_weight
+                loss = loss + lam / len(self.mtp) * torch.stack(out.mtp_losses).sum()
             if out.balance_loss is not None:
                 loss = loss + out.balance_loss
             out.loss = loss

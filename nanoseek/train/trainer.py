@@ -121,13 +121,9 @@ class Trainer:
             x, y = self.loader.next_batch(mb)
             x, y = x.to(self.device), y.to(self.device)
             with autocast:
-                out = model(x, labels=y, return_logits=False)
-            loss = out.main_loss
+                out = model(x, labels=y, return_logits=False, mtp_loss_weight=lam)
+            loss = out.loss  # main + lambda/D * sum_k MTP_k + balance
             mtp = torch.stack(out.mtp_losses).mean() if out.mtp_losses else None
-            if mtp is not None:
-                loss = loss + lam * mtp  # lambda / D * sum_k = lambda * mean_k
-            if out.balance_loss is not None:
-                loss = loss + out.balance_loss
             (loss * (mb / n_seq)).backward()
             w = mb / n_seq
             sums["loss"] += loss.item() * w

@@ -27,6 +27,9 @@ def test_loss_parts_and_combination(depth):
         torch.testing.assert_close(loss, F.cross_entropy(lg.reshape(-1, cfg.vocab_size), y[:, k:].reshape(-1)))
     mtp = 0.3 / depth * sum(out.mtp_losses) if depth else 0.0
     torch.testing.assert_close(out.loss, main + mtp + out.balance_loss)
+    if depth:  # a scheduled lambda overrides the config's
+        late = m(x, labels=y, mtp_loss_weight=0.1)
+        torch.testing.assert_close(late.loss, late.main_loss + 0.1 / depth * sum(late.mtp_losses) + late.balance_loss)
     assert out.balance_loss.item() > 0
     n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace + depth
     assert out.expert_load.shape == (n_moe, 2, cfg.n_routed_experts)
