@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import dequantize_tiles, dequantize_weight_block, quantize_tiles, quantize_weight_block
-
-
-def _qdq_tiles(x: torch.Tensor, pow2: bool) -> torch.Tensor:
-    return dequantize_tiles(*quantize_tiles(x, pow2_scale=pow2))
+from .quant import dequantize_tiles, dequantize_weight_block, fake_quantize_tiles, quantize_tiles, quantize_weight_block
 
 
 def _qdq_experts(w: torch.Tensor, pow2: bool) -> torch.Tensor:
@@ -42,11 +38,12 @@ class _Fp8GroupedFn(torch.autograd.Function):
         dy = dy.contiguous()
         pow2 = ctx.pow2
         wd = _qdq_experts(w, pow2)
-        dx = torch._grouped_mm(_qdq_tiles(dy, pow2), wd, offs=offs) if ctx.needs_input_grad[0] else None
-        dw = None
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch._grouped_mm(fake_quantize_tiles(dy, pow2_scale=pow2), wd, offs=offs)
         if ctx.needs_input_grad[1]:
-            dy_t = _qdq_tiles(dy.T.contiguous(), pow2).T  # tiles of 128 tokens per output channel
-            x_t = _qdq_tiles(dequantize_tiles(xq, xs).T.contiguous(), pow2).T
+            dy_t = fake_quantize_tiles(dy.T.contiguous(), pow2_scale=pow2).T  # tiles of 128 tokens per output channel
+            x_t = fake_quantize_tiles(dequantize_tiles(xq, xs).T.contiguous(), pow2_scale=pow2).T
             with torch.enable_grad():
                 wv = wd.detach().requires_grad_()
                 y = torch._grouped_mm(x_t.contiguous(), wv.transpose(1, 2), offs=offs)

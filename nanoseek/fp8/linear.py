@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quant import BLOCK, dequantize_tiles, dequantize_weight_block, quantize_tiles, quantize_weight_block
+from .quant import (
+    BLOCK,
+    dequantize_tiles,
+    dequantize_weight_block,
+    fake_quantize_tiles,
+    quantize_tiles,
+    quantize_weight_block,
+)
 
 
 def fp8_gemm(a: torch.Tensor, b: torch.Tensor, chunk: int = BLOCK) -> torch.Tensor:
@@ -40,14 +47,12 @@ class _Fp8LinearFn(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:  # Dgrad: reduce over out_features
-            dyq, dys = quantize_tiles(dy, pow2_scale=ctx.pow2)
             w = dequantize_weight_block(wq, ws)  # [N, K]
-            dx = fp8_gemm(dequantize_tiles(dyq, dys), w.T.contiguous()).to(ctx.x_dtype)
+            dx = fp8_gemm(fake_quantize_tiles(dy, pow2_scale=ctx.pow2), w.T.contiguous()).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:  # Wgrad: reduce over tokens, operands re-tiled along the token dim
-            dytq, dyts = quantize_tiles(dy.T.contiguous(), pow2_scale=ctx.pow2)
-            xt = dequantize_tiles(xq, xs).T.contiguous()
-            xtq, xts = quantize_tiles(xt, pow2_scale=ctx.pow2)
-            dw = fp8_gemm(dequantize_tiles(dytq, dyts), dequantize_tiles(xtq, xts)).to(ctx.w_dtype)
+            dyt = fake_quantize_tiles(dy.T.contiguous(), pow2_scale=ctx.pow2)
+            xt = fake_quantize_tiles(dequantize_tiles(xq, xs).T.contiguous(), pow2_scale=ctx.pow2)
+            dw = fp8_gemm(dyt, xt).to(ctx.w_dtype)
         return dx, dw, None, None
 
 

@@ -77,3 +77,8 @@ def quantize_tiles(
 def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor, tile: int = BLOCK) -> torch.Tensor:
     """Inverse of `quantize_tiles`, in fp32."""
     return q.float() * scale.repeat_interleave(tile, dim=1)[:, : q.shape[1]]
+
+
+def fake_quantize_tiles(x: torch.Tensor, tile: int = BLOCK, pow2_scale: bool = False) -> torch.Tensor:
+    """x through 1 x `tile` FP8 quantisation and back (fp32): the values an FP8 GEMM sees."""
+    return dequantize_tiles(*quantize_tiles(x, tile, pow2_scale), tile)
