@@ -10,6 +10,8 @@ output so attention runs on the latent (kv_lora_rank) plus the shared rope key o
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,17 @@ from torch import nn
 from .config import ModelConfig
 from .norm import RMSNorm
 from .rope import apply_rope
+
+
+class KVCacheView(Protocol):
+    """One layer's slice of an inference cache (see nanoseek.infer.cache): stores the new entries at their
+    positions and returns every cached entry the batch may attend to."""
+
+    latent: bool
+
+    def update_latent(self, kv: torch.Tensor) -> torch.Tensor: ...
+
+    def update_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class MLA(nn.Module):
@@ -52,26 +65,26 @@ class MLA(nn.Module):
         q_nope, q_pe = q.view(B, S, self.n_heads, self.qk_dim).split([self.qk_nope, self.qk_rope], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
 
-    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cacheable part: normalised latent c_kv [B,S,R] and the roped shared key k_pe [B,S,dr]."""
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The cacheable part: kv = [RMSNorm(c_kv); rope(k_pe)] [B,S,R+dr] (the layout of kv_a_proj_with_mqa)."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
-        return self.kv_a_layernorm(c_kv), k_pe
+        return torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)
 
-    def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def expand_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Naive form: per-head K [B,T,H,dn+dr] and V [B,T,H,dv] from the latent."""
-        B, T, _ = c_kv.shape
-        kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.qk_nope + self.v_dim)
-        k_nope, v = kv.split([self.qk_nope, self.v_dim], dim=-1)
+        B, T, _ = kv.shape
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope], dim=-1)
+        k_nope, v = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.qk_nope + self.v_dim).split(
+            [self.qk_nope, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, T, self.n_heads, self.qk_rope)), dim=-1)
         return k, v
 
     def attend_naive(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-        mask: torch.Tensor | None,
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """softmax(q.k * scale) v over expanded heads; mask is bool [.., S, T] (True = attend) or None = causal."""
-        k, v = self.expand_kv(c_kv, k_pe)
+        """softmax(q.k * scale) v over expanded heads (k, v from `expand_kv`); mask is bool [.., S, T]
+        (True = attend) or None = causal. Returns [B,S,H,dv]."""
         q = torch.cat((q_nope, q_pe), dim=-1)
         if self.v_dim < self.qk_dim:
             # zero-pad V to the q/k head size: the flash kernels need equal sizes (else SDPA's math path keeps
@@ -81,33 +94,43 @@ class MLA(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None, scale=self.scale,
         )
-        return out.transpose(1, 2)[..., : self.v_dim]  # [B,S,H,dv]
+        return out.transpose(1, 2)[..., : self.v_dim]
 
     def attend_absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-        mask: torch.Tensor | None,
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Weight-absorbed form: q_nope W_UK against c_kv, output through W_UV; only c_kv and k_pe are read."""
+        """Weight-absorbed form: score = [q_nope W_UK; q_pe] . [c_kv; k_pe], out = (p c_kv) W_UV^T per head.
+        Only the latent kv [B,T,R+dr] is read. Returns [B,S,H,dv]."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.qk_nope], w[:, self.qk_nope :]
-        q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)
-        scores = torch.einsum("bshr,btr->bhst", q_lat, c_kv) + torch.einsum("bshr,btr->bhst", q_pe, k_pe)
-        scores = scores.float() * self.scale
+        q = torch.cat((torch.matmul(q_nope.transpose(1, 2), w_uk), q_pe.transpose(1, 2)), dim=-1)  # [B,H,S,R+dr]
+        scores = torch.matmul(q, kv.unsqueeze(1).transpose(-1, -2)).float() * self.scale  # [B,H,S,T]
         S, T = scores.shape[-2:]
         if mask is None:
             mask = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril(T - S)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        p = scores.softmax(dim=-1).to(c_kv.dtype)
-        o_lat = torch.einsum("bhst,btr->bshr", p, c_kv)
-        return torch.einsum("bshr,hdr->bshd", o_lat, w_uv)
+        p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(kv.dtype)
+        o_lat = torch.matmul(p, kv[..., None, :, : self.kv_lora_rank])  # [B,H,S,R]
+        return torch.matmul(o_lat, w_uv.transpose(1, 2)).transpose(1, 2)  # [B,S,H,dv]
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-        absorb: bool = False,
+        absorb: bool = False, cache: KVCacheView | None = None,
     ) -> torch.Tensor:
+        """With a `cache` (inference) the new keys are written into it and attention reads all cached ones;
+        the cache decides the form: a latent cache stores (c_kv, k_pe) and runs absorbed, a naive one (K, V)."""
         B, S, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)
-        c_kv, k_pe = self.latent(x, cos, sin)
-        attend = self.attend_absorbed if absorb else self.attend_naive
-        out = attend(q_nope, q_pe, c_kv, k_pe, mask)
+        kv = self.latent(x, cos, sin)
+        if cache is not None:
+            absorb = cache.latent
+        if absorb:
+            if cache is not None:
+                kv = cache.update_latent(kv)
+            out = self.attend_absorbed(q_nope, q_pe, kv, mask)
+        else:
+            k, v = self.expand_kv(kv)
+            if cache is not None:
+                k, v = cache.update_kv(k, v)
+            out = self.attend_naive(q_nope, q_pe, k, v, mask)
         return self.o_proj(out.reshape(B, S, self.n_heads * self.v_dim))
+

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MLA
+from .attention import MLA, KVCacheView
 from .config import ModelConfig
 from .loss import linear_cross_entropy
 from .moe import MLP, Experts, Gate, MoE, MoEStats
@@ -36,9 +36,9 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-        absorb: bool = False,
+        absorb: bool = False, cache: KVCacheView | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, absorb)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, absorb, cache)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, stats = self.mlp(h)
@@ -66,10 +66,10 @@ class MTP(Block):
 
     def forward(  # type: ignore[override]
         self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        mask: torch.Tensor | None = None, absorb: bool = False,
+        mask: torch.Tensor | None = None, absorb: bool = False, cache: KVCacheView | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         h = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
-        return super().forward(h, cos, sin, mask, absorb)
+        return super().forward(h, cos, sin, mask, absorb, cache)
 
 
 class Decoder(nn.Module):

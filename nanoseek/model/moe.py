@@ -99,9 +99,22 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+@torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm as an opaque op for torch.compile (its fake kernel accepts fp32 on the CPU)."""
+    return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by expert; rows of group e are multiplied by w[e]^T.  x [N, in], w [E, out, in]."""
     if _grouped_mm_ok(x):
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # compiled inference (Engine)
+            return _grouped_mm_op(x, w, offs)
         return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(1, 2), offs=offs))
     # fallback (no grouped GEMM for this device/dtype): one GEMM per contiguous expert slice
     chunks = torch.split(x, counts.tolist())
@@ -143,7 +156,7 @@ def dispatch_combine(
     T, K = idx.shape
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     y_sorted = expert_fn(x[order // K], counts)
     y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, -1)
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)

@@ -38,10 +38,11 @@ def test_absorbed_with_explicit_mask_matches_prefix():
     cos, sin = rope_cos_sin(cfg, torch.arange(10))
     full = attn(x, cos, sin, absorb=True)
     q_nope, q_pe = attn.query(x[:, 6:], cos[6:], sin[6:])
-    c_kv, k_pe = attn.latent(x, cos, sin)
+    kv = attn.latent(x, cos, sin)
     mask = torch.ones(4, 10, dtype=torch.bool).tril(6)
-    for fn in (attn.attend_absorbed, attn.attend_naive):
-        out = attn.o_proj(fn(q_nope, q_pe, c_kv, k_pe, mask).reshape(1, 4, -1))
+    k, v = attn.expand_kv(kv)
+    for o in (attn.attend_absorbed(q_nope, q_pe, kv, mask), attn.attend_naive(q_nope, q_pe, k, v, mask)):
+        out = attn.o_proj(o.reshape(1, 4, -1))
         assert (out - full[:, 6:]).abs().max().item() <= 1e-5
 
 

@@ -1,0 +1,392 @@
+"""The inference engine: a KV cache with slots, chunked prefill, batched decode, sampling and MTP drafting.
+
+    engine = Engine(model, tokenizer, max_batch=8)
+    [req] = engine.generate([prompt_ids], SamplingParams(max_new_tokens=64))
+    req.output_ids, req.text
+
+Requests are admitted into free cache slots between steps (continuous batching): each `step()` runs one prefill
+chunk for the requests still reading their prompt and one decode forward for all the others. With
+`speculative=True` the first MTP module drafts one token per greedy request and the decode forward verifies it
+(input [t, draft]): when the model's own choice equals the draft, two tokens come out of one forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import Transformer
+from ..model.rope import rope_cos_sin
+from .cache import CacheBatch, KVCache
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings of one request. temperature 0 = greedy; top_k/top_p None = off."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: Sequence[int] = ()
+    stop: Sequence[str] = ()  # stop strings (need the engine's tokenizer); the text is cut before them
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> int:
+    """One token from logits [V]: argmax when temperature == 0, else softmax(logits / T) restricted to the top-k
+    tokens and to the smallest set whose probability reaches top_p (nucleus)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # tokens after the nucleus is complete
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@dataclass
+class Request:
+    """One generation. `output_ids` grows as the engine steps; `on_update(req)` is called (from the engine's
+    thread) after every step that changed it. finish_reason: 'stop', 'length' or 'cancelled'."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_update: Callable[[Request], None] | None = None
+    id: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_text: str | None = None  # the stop string that ended it, if any
+    text: str = ""  # decoded output (with a tokenizer), cut before a stop string
+    created: float = field(default_factory=time.time)
+    first_token_time: float | None = None
+    drafted: int = 0
+    accepted: int = 0
+    cancelled: bool = False  # set from any thread; the engine frees the slot at its next step
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def stable_text(self, holdback: Sequence[str] = ()) -> str:
+        """The part of `text` that can be streamed now: without an incomplete UTF-8 tail and, while running,
+        without a suffix that could still grow into a stop string."""
+        t = self.text
+        if self.finished:
+            return t
+        t = t.rstrip("\ufffd")
+        for s in holdback:
+            for k in range(min(len(s) - 1, len(t)), 0, -1):
+                if t.endswith(s[:k]):
+                    t = t[:-k]
+                    break
+        return t
+
+
+@dataclass
+class _Slot:
+    req: Request
+    tokens: list[int]  # prompt + output; tokens[length] is the next input once the prompt is read
+    length: int = 0  # positions written in the main cache
+    mtp_length: int = 0  # positions written in the MTP module's cache
+    pending_h: list[torch.Tensor] = field(default_factory=list)  # main hidden at positions [mtp_length, length)
+    generator: torch.Generator | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.length < len(self.req.prompt_ids)
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0
+    decode_forwards: int = 0
+    generated_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class Engine:
+    """Continuous-batching generator over a model with a preallocated KV cache (see module docstring).
+
+    cache: 'latent' (absorbed MLA, 576 values/token/layer at V3) or 'naive' (per-head K/V).
+    Not thread-safe except `submit` and `Request.cancelled`: one thread calls `step`."""
+
+    def __init__(
+        self, model: Transformer, tokenizer: object | None = None, max_batch: int = 8, max_len: int | None = None,
+        cache: str = "latent", prefill_chunk: int = 512, speculative: bool = False,
+    ) -> None:
+        if cache not in ("latent", "naive"):
+            raise ValueError(f"cache must be 'latent' or 'naive', got {cache!r}")
+        cfg = model.config
+        if speculative and not len(model.mtp):
+            raise ValueError("speculative decoding needs MTP weights (num_nextn_predict_layers >= 1)")
+        self.model = model.eval()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.prefill_chunk = prefill_chunk
+        self.speculative = speculative
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        n_cache_layers = cfg.num_hidden_layers + (1 if speculative else 0)
+        self.cache = KVCache(cfg, max_batch, self.max_len, cache == "latent", n_cache_layers, self.dtype, self.device)
+        cos, sin = rope_cos_sin(cfg, torch.arange(self.max_len + 1, device=self.device))
+        self.cos, self.sin = cos, sin
+        eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else cfg.eos_token_id
+        self.eos_ids: set[int] = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.stats = EngineStats()
+
+    # ---- requests -------------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+               on_update: Callable[[Request], None] | None = None) -> Request:
+        """Queue a request (thread-safe). Raises ValueError if the prompt cannot fit the context."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the context holds {self.max_len}")
+        if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        req = Request(prompt, params, on_update, id=next(self._ids))
+        with self._lock:
+            self.waiting.append(req)
+        return req
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[Request]:
+        """Run prompts to completion, batched (at most max_batch at a time)."""
+        reqs = [self.submit(p, params) for p in prompts]
+        while not all(r.finished for r in reqs):
+            self.step()
+        return reqs
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Iterator[int]:
+        """Generate one prompt, yielding token ids as they are accepted (stop tokens excluded)."""
+        req = self.submit(prompt, params)
+        sent = 0
+        while not req.finished:
+            self.step()
+            yield from req.output_ids[sent:]
+            sent = len(req.output_ids)
+        yield from req.output_ids[sent:]
+
+    # ---- one scheduling step --------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit waiting requests, run one prefill chunk for those reading their prompt, one decode forward for
+        the rest, and notify every request that changed."""
+        self._admit()
+        changed: set[int] = set()
+        for i, s in enumerate(self.slots):
+            if s is not None and s.req.cancelled:
+                s.req.finish_reason = "cancelled"
+                changed.add(i)
+        self._release(changed)
+        changed.clear()
+        active = [i for i, s in enumerate(self.slots) if s is not None]
+        pre = [i for i in active if self.slots[i].prefilling]  # type: ignore[union-attr]
+        dec = [i for i in active if i not in pre]
+        if pre:
+            self._prefill(pre)
+            changed.update(i for i in pre if not self.slots[i].prefilling)  # type: ignore[union-attr]
+        if dec:
+            self._decode(dec)
+            changed.update(dec)
+        self._release(changed)
+
+    def _admit(self) -> None:
+        with self._lock:
+            for req in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(req)
+                req.finish_reason = "cancelled"
+                self._notify(req)
+            for i, s in enumerate(self.slots):
+                if s is None and self.waiting:
+                    req = self.waiting.popleft()
+                    g = torch.Generator(device="cpu")
+                    g.manual_seed(req.params.seed if req.params.seed is not None else int(torch.randint(2**62, ())))
+                    self.slots[i] = _Slot(req, list(req.prompt_ids), generator=g)
+
+    def _release(self, changed: set[int]) -> None:
+        for i in sorted(changed):
+            s = self.slots[i]
+            if s is None:
+                continue
+            if s.req.finished:
+                self.slots[i] = None
+            self._notify(s.req)
+
+    def _notify(self, req: Request) -> None:
+        if req.on_update is not None:
+            req.on_update(req)
+
+    # ---- forwards -------------------------------------------------------------------------------
+    def _batch(self, slots: list[int], starts: list[int], lengths: list[int]) -> CacheBatch:
+        S = max(lengths)
+        pos = torch.full((len(slots), S), self.max_len, dtype=torch.long)  # padding -> scratch position
+        for r, (st, n) in enumerate(zip(starts, lengths, strict=True)):
+            pos[r, :n] = torch.arange(st, st + n)
+        return CacheBatch(slots, pos.to(self.device), max(st + n for st, n in zip(starts, lengths, strict=True)))
+
+    def _layers(self, h: torch.Tensor, batch: CacheBatch, blocks: list, first_layer: int) -> torch.Tensor:
+        pos = batch.positions
+        cos, sin = self.cos[pos], self.sin[pos]
+        mask = (torch.arange(batch.T, device=self.device)[None, None, None, :] <= pos[:, None, :, None])
+        for k, block in enumerate(blocks):
+            h, _ = block(h, cos, sin, mask, cache=self.cache.view(first_layer + k, batch))
+        return h
+
+    def _main(self, slots: list[int], inputs: list[list[int]]) -> torch.Tensor:
+        """Run the main model on new tokens per slot (positions from each slot's length); returns the hidden
+        states before the final norm [b, S, H] (padding rows hold garbage)."""
+        lengths = [len(t) for t in inputs]
+        batch = self._batch(slots, [self.slots[i].length for i in slots], lengths)  # type: ignore[union-attr]
+        ids = torch.zeros(len(slots), max(lengths), dtype=torch.long)
+        for r, t in enumerate(inputs):
+            ids[r, : len(t)] = torch.tensor(t)
+        h = self.model.model.embed_tokens(ids.to(self.device))
+        return self._layers(h, batch, list(self.model.model.layers), 0)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(h)).float()
+
+    def _prefill(self, rows: list[int]) -> None:
+        slots = [self.slots[i] for i in rows]
+        inputs = [s.tokens[s.length : min(s.length + self.prefill_chunk, len(s.req.prompt_ids))] for s in slots]  # type: ignore[union-attr]
+        h = self._main(rows, inputs)
+        self.stats.prefill_tokens += sum(len(t) for t in inputs)
+        done = []
+        for r, (s, t) in enumerate(zip(slots, inputs, strict=True)):
+            s.length += len(t)  # type: ignore[union-attr]
+            if self.speculative:
+                s.pending_h.append(h[r, : len(t)])  # type: ignore[union-attr]
+            if not s.prefilling:  # type: ignore[union-attr]
+                done.append(r)
+        if done:
+            last = torch.stack([h[r, len(inputs[r]) - 1] for r in done])
+            logits = self._logits(last)
+            for j, r in enumerate(done):
+                s = slots[r]
+                self._accept(s, [self._sample(s, logits[j])])  # type: ignore[arg-type]
+
+    def _decode(self, rows: list[int]) -> None:
+        slots: list[_Slot] = [self.slots[i] for i in rows]  # type: ignore[misc]
+        drafts = self._draft(rows) if self.speculative else [None] * len(rows)
+        inputs = [[s.tokens[s.length]] + ([d] if d is not None else []) for s, d in zip(slots, drafts, strict=True)]
+        h = self._main(rows, inputs)
+        self.stats.decode_forwards += 1
+        logits = self._logits(h[:, : max(len(t) for t in inputs)])
+        for r, (s, d) in enumerate(zip(slots, drafts, strict=True)):
+            y0 = self._sample(s, logits[r, 0])
+            new = [y0]
+            n_in = 1
+            if d is not None:
+                s.req.drafted += 1
+                self.stats.drafted += 1
+                if y0 == d:  # the draft is what the model would have produced: its logits give one more
+                    s.req.accepted += 1
+                    self.stats.accepted += 1
+                    new.append(self._sample(s, logits[r, 1]))
+                    n_in = 2
+            s.length += n_in
+            if self.speculative:
+                s.pending_h.append(h[r, :n_in])
+            self._accept(s, new)
+
+    def _draft(self, rows: list[int]) -> list[int | None]:
+        """MTP module 1 catches up on the positions the main model has written (input at position j: the main
+        hidden h_j and the token t_{j+1}) and drafts t_{length+1} for greedy rows that have room."""
+        slots: list[_Slot] = [self.slots[i] for i in rows]  # type: ignore[misc]
+        hs = [torch.cat(s.pending_h) for s in slots]
+        nxt = [s.tokens[s.mtp_length + 1 : s.length + 1] for s in slots]
+        lengths = [len(t) for t in nxt]
+        batch = self._batch(rows, [s.mtp_length for s in slots], lengths)
+        S = max(lengths)
+        h_prev = torch.zeros(len(rows), S, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        ids = torch.zeros(len(rows), S, dtype=torch.long)
+        for r, (hh, t) in enumerate(zip(hs, nxt, strict=True)):
+            h_prev[r, : len(t)] = hh
+            ids[r, : len(t)] = torch.tensor(t)
+        module = self.model.mtp[0]
+        emb = self.model.model.embed_tokens(ids.to(self.device))
+        pos = batch.positions
+        mask = torch.arange(batch.T, device=self.device)[None, None, None, :] <= pos[:, None, :, None]
+        h, _ = module(h_prev, emb, self.cos[pos], self.sin[pos], mask,
+                      cache=self.cache.view(self.cfg.num_hidden_layers, batch))
+        last = torch.stack([h[r, n - 1] for r, n in enumerate(lengths)])
+        logits = self.model.lm_head(module.shared_head.norm(last)).float()
+        out: list[int | None] = []
+        for r, s in enumerate(slots):
+            s.mtp_length = s.length
+            s.pending_h = []
+            greedy = s.req.params.temperature <= 0
+            room = s.length + 2 <= self.max_len and len(s.req.output_ids) + 1 < s.req.params.max_new_tokens
+            out.append(int(logits[r].argmax()) if greedy and room else None)
+        return out
+
+    # ---- sampling and stopping ------------------------------------------------------------------
+    def _sample(self, s: _Slot, logits: torch.Tensor) -> int:
+        p = s.req.params
+        return sample_token(logits, p.temperature, p.top_k, p.top_p, s.generator)
+
+    def _accept(self, s: _Slot, new: list[int]) -> None:
+        req, p = s.req, s.req.params
+        if req.first_token_time is None:
+            req.first_token_time = time.time()
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+        for t in new:
+            if t in stops:
+                req.finish_reason = "stop"
+                break
+            req.output_ids.append(t)
+            s.tokens.append(t)
+            self.stats.generated_tokens += 1
+            if len(req.output_ids) >= p.max_new_tokens or len(s.tokens) >= self.max_len:
+                req.finish_reason = "length"
+                break
+        if self.tokenizer is not None:
+            req.text = self.tokenizer.decode(req.output_ids)  # type: ignore[attr-defined]
+            hits = [(at, stop) for stop in p.stop if stop and (at := req.text.find(stop)) >= 0]
+            if hits:
+                at, stop = min(hits)
+                req.text, req.stop_text, req.finish_reason = req.text[:at], stop, "stop"
