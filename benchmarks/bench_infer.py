@@ -6,8 +6,11 @@ For each preset: random weights (std 0.006 init) saved in the HF layout and load
 alternating rounds (median reported): decode tokens/s at batch 1 and 8 (greedy, prompt of 64 tokens, EOS ignored,
 time of the whole generate minus time to first token), time to first token (prefill + 1 token), and KV-cache bytes
 per token (ours: the preallocated buffers; transformers: the tensors in its DynamicCache after generation).
-Greedy outputs of both sides are compared. MTP speculative decoding is measured separately by
-`benchmarks/bench_spec.py` (it needs trained weights: random MTP heads accept nothing).
+Greedy outputs of both sides are compared.
+
+`--spec-checkpoint DIR` (a trained checkpoint with MTP weights, e.g. the speedrun's; random MTP heads accept
+nothing) adds MTP speculative decoding: plain vs speculative greedy decode on held-out text prompts, acceptance
+rate, forwards per token and speed-up, and checks that both produce the same tokens.
 """
 
 from __future__ import annotations
@@ -80,8 +83,11 @@ def bench_preset(name: str, args) -> dict:
     hf = hf_model(tmp)
     res: dict = {"preset": name, "params": sum(p.numel() for p in model.parameters())}
     max_len = args.prompt_len + args.new_tokens + 8
-    engines = {mode: Engine(model, max_batch=max(args.batch), max_len=max_len, cache=mode) for mode in args.cache}
     for bs in args.batch:
+        engines = {mode: Engine(model, max_batch=bs, max_len=max_len, cache=mode) for mode in args.cache}
+        if args.compile:  # static shapes: one compiled decode step per batch size (compiled in the warm-up round)
+            engines.update({f"{mode}+compile": Engine(model, max_batch=bs, max_len=max_len, cache=mode, compile=True)
+                            for mode in args.cache})
         prompt = torch.randint(10, cfg.vocab_size, (bs, args.prompt_len), generator=torch.Generator().manual_seed(1))
         rounds: dict[str, list[tuple[float, float]]] = {k: [] for k in ["hf", *engines]}
         same = {}
@@ -113,6 +119,39 @@ def bench_preset(name: str, args) -> dict:
     return res
 
 
+def bench_speculative(args) -> dict:
+    from nanoseek.data import Tokenizer
+    from nanoseek.infer.commands import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.spec_checkpoint)
+    tok = Tokenizer.load(args.spec_tokenizer or ckpt / "tokenizer.json")
+    model = nanoseek.load(ckpt).eval()
+    docs = [json.loads(line) for line in open(args.spec_prompts)]
+    texts = [d["text"] for d in docs if not d["source"].startswith("encodings/") and len(d["text"]) > 400]
+    texts = texts[:: max(1, len(texts) // args.spec_n)][: args.spec_n]  # spread over the held-out documents
+    prompts = [[tok.bos_id] + tok.encode(t, allow_special=False)[:48] for t in texts]
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    out: dict = {"checkpoint": str(ckpt), "prompts": len(prompts)}
+    runs: dict[str, list[float]] = {"plain": [], "speculative": []}
+    toks: dict[str, list[list[int]]] = {}
+    for r in range(args.rounds + 1):
+        for mode in runs:
+            eng = Engine(model, tok, max_batch=1, max_len=48 + args.new_tokens + 8, speculative=mode != "plain")
+            t = time.perf_counter()
+            res = [eng.generate([p], params)[0] for p in prompts]
+            if r:
+                runs[mode].append(sum(len(x.output_ids) for x in res) / (time.perf_counter() - t))
+            toks[mode] = [x.output_ids for x in res]
+            out[f"{mode}_forwards_per_token"] = eng.stats.decode_forwards / max(eng.stats.generated_tokens, 1)
+            if mode == "speculative":
+                out["acceptance_rate"] = eng.stats.acceptance_rate
+    for mode, v in runs.items():
+        out[f"{mode}_tok_s"] = statistics.median(v)
+    out["speedup"] = out["speculative_tok_s"] / out["plain_tok_s"]
+    out["same_tokens"] = toks["plain"] == toks["speculative"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", action="append", help="tiny, small (repeatable; default both)")
@@ -122,9 +161,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="also measure Engine(compile=True)")
+    ap.add_argument("--spec-checkpoint", help="trained checkpoint for the speculative-decoding measurement")
+    ap.add_argument("--spec-tokenizer", help="its tokenizer.json (default: inside the checkpoint)")
+    ap.add_argument("--spec-prompts", default="runs/speedrun/data/val_docs.jsonl",
+                    help="held-out documents (JSONL with source/text, as written by prepare_corpus)")
+    ap.add_argument("--spec-n", type=int, default=8, help="number of prompts")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    args.preset = args.preset or ["tiny", "small"]
+    args.preset = ["tiny", "small"] if args.preset is None else args.preset
     args.batch = args.batch or [1, 8]
     args.cache = args.cache or ["latent", "naive"]
     if args.threads:
@@ -152,6 +197,13 @@ def main(argv: list[str] | None = None) -> None:
         v3 = r["v3_values_per_token_per_layer"]
         print(f"V3 head dims: latent {v3['latent']} vs naive {v3['naive']} values/token/layer "
               f"= {v3['naive'] / v3['latent']:.1f}x smaller")
+    if args.spec_checkpoint:
+        sp = results["speculative"] = bench_speculative(args)
+        print(f"\n## MTP speculative decoding ({sp['checkpoint']}, {sp['prompts']} prompts, batch 1, greedy)")
+        print(f"plain {sp['plain_tok_s']:.1f} tok/s, speculative {sp['speculative_tok_s']:.1f} tok/s "
+              f"({sp['speedup']:.2f}x); acceptance {sp['acceptance_rate']:.1%}; main-model forwards per token "
+              f"{sp['plain_forwards_per_token']:.2f} -> {sp['speculative_forwards_per_token']:.2f}; "
+              f"same tokens: {sp['same_tokens']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp8", action="store_true", help="FP8 training (emulated on CPU)")
     p.set_defaults(func=cmd_speedrun)
 
+    from .infer.commands import add_parsers
+
+    add_parsers(sub)
+
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -70,7 +70,7 @@ def sample_token(
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """One generation. `output_ids` grows as the engine steps; `on_update(req)` is called (from the engine's
     thread) after every step that changed it. finish_reason: 'stop', 'length' or 'cancelled'."""
@@ -143,7 +143,7 @@ class Engine:
 
     def __init__(
         self, model: Transformer, tokenizer: object | None = None, max_batch: int = 8, max_len: int | None = None,
-        cache: str = "latent", prefill_chunk: int = 512, speculative: bool = False,
+        cache: str = "latent", prefill_chunk: int = 512, speculative: bool = False, compile: bool = False,
     ) -> None:
         if cache not in ("latent", "naive"):
             raise ValueError(f"cache must be 'latent' or 'naive', got {cache!r}")
@@ -154,7 +154,7 @@ class Engine:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_len = min(max_len or 4096, cfg.max_position_embeddings)  # default: 4096-token context
         self.prefill_chunk = prefill_chunk
         self.speculative = speculative
         p = next(model.parameters())
@@ -170,6 +170,9 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.stats = EngineStats()
+        # compile: plain decode steps run a torch.compile'd forward of fixed shape (all max_batch slots, one token,
+        # attention over the whole cache), gpt-fast style; the first steps pay the compilation
+        self._compiled = torch.compile(self._static_decode, dynamic=False) if compile else None
 
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
@@ -210,6 +213,27 @@ class Engine:
             sent = len(req.output_ids)
         yield from req.output_ids[sent:]
 
+    @torch.inference_mode()
+    def score(self, tokens: Sequence[int], chunk: int = 1) -> torch.Tensor:
+        """Logits [len(tokens), V] (fp32) for every position, computed through the cache `chunk` tokens per
+        forward (chunk=1: token-by-token decode). Uses a free slot and releases it; no sampling."""
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        if not free:
+            raise RuntimeError("no free slot")
+        if not 0 < len(tokens) <= self.max_len:
+            raise ValueError(f"need 1..{self.max_len} tokens, got {len(tokens)}")
+        i = free[0]
+        self.slots[i] = slot = _Slot(Request(list(tokens), SamplingParams()), list(tokens))
+        try:
+            out = []
+            for a in range(0, len(tokens), chunk):
+                piece = list(tokens[a : a + chunk])
+                out.append(self._logits(self._main([i], [piece])[0, : len(piece)]))
+                slot.length += len(piece)
+            return torch.cat(out)
+        finally:
+            self.slots[i] = None
+
     # ---- one scheduling step --------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
@@ -234,18 +258,32 @@ class Engine:
             changed.update(dec)
         self._release(changed)
 
+    def abort_all(self, reason: str = "cancelled") -> list[Request]:
+        """End every waiting and running request with `reason` (e.g. after a failed step); returns them.
+        Callers notify the requests themselves."""
+        with self._lock:
+            reqs = list(self.waiting)
+            self.waiting.clear()
+        reqs += [s.req for s in self.slots if s is not None]
+        self.slots = [None] * self.max_batch
+        for r in reqs:
+            r.finish_reason = r.finish_reason or reason
+        return reqs
+
     def _admit(self) -> None:
         with self._lock:
-            for req in [r for r in self.waiting if r.cancelled]:
+            dropped = [r for r in self.waiting if r.cancelled]
+            for req in dropped:
                 self.waiting.remove(req)
                 req.finish_reason = "cancelled"
-                self._notify(req)
             for i, s in enumerate(self.slots):
                 if s is None and self.waiting:
                     req = self.waiting.popleft()
                     g = torch.Generator(device="cpu")
                     g.manual_seed(req.params.seed if req.params.seed is not None else int(torch.randint(2**62, ())))
                     self.slots[i] = _Slot(req, list(req.prompt_ids), generator=g)
+        for req in dropped:  # outside the lock: a callback may submit
+            self._notify(req)
 
     def _release(self, changed: set[int]) -> None:
         for i in sorted(changed):
@@ -287,6 +325,23 @@ class Engine:
         h = self.model.model.embed_tokens(ids.to(self.device))
         return self._layers(h, batch, list(self.model.model.layers), 0)
 
+    def _static_decode(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token for every slot (ids/pos [max_batch, 1]; idle slots write to the scratch position)."""
+        batch = CacheBatch(list(range(self.max_batch)), pos, self.max_len + 1)
+        h = self.model.model.embed_tokens(ids)
+        return self._layers(h, batch, list(self.model.model.layers), 0)
+
+    def _decode_hidden(self, rows: list[int], inputs: list[list[int]]) -> torch.Tensor:
+        if self._compiled is None or any(len(t) > 1 for t in inputs):
+            return self._main(rows, inputs)
+        ids = torch.zeros(self.max_batch, 1, dtype=torch.long)
+        pos = torch.full((self.max_batch, 1), self.max_len, dtype=torch.long)
+        for r, t in zip(rows, inputs, strict=True):
+            ids[r, 0] = t[0]
+            pos[r, 0] = self.slots[r].length  # type: ignore[union-attr]
+        h = self._compiled(ids.to(self.device), pos.to(self.device))
+        return h[rows]
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(h)).float()
 
@@ -313,7 +368,7 @@ class Engine:
         slots: list[_Slot] = [self.slots[i] for i in rows]  # type: ignore[misc]
         drafts = self._draft(rows) if self.speculative else [None] * len(rows)
         inputs = [[s.tokens[s.length]] + ([d] if d is not None else []) for s, d in zip(slots, drafts, strict=True)]
-        h = self._main(rows, inputs)
+        h = self._decode_hidden(rows, inputs)
         self.stats.decode_forwards += 1
         logits = self._logits(h[:, : max(len(t) for t in inputs)])
         for r, (s, d) in enumerate(zip(slots, drafts, strict=True)):
@@ -370,23 +425,31 @@ class Engine:
         return sample_token(logits, p.temperature, p.top_k, p.top_p, s.generator)
 
     def _accept(self, s: _Slot, new: list[int]) -> None:
+        """Append sampled tokens up to a stop token / the limits; update the text; finish_reason is set last, so
+        a reader that sees the request finished also sees its final text."""
         req, p = s.req, s.req.params
         if req.first_token_time is None:
             req.first_token_time = time.time()
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+        reason = None
         for t in new:
             if t in stops:
-                req.finish_reason = "stop"
+                reason = "stop"
                 break
             req.output_ids.append(t)
             s.tokens.append(t)
             self.stats.generated_tokens += 1
             if len(req.output_ids) >= p.max_new_tokens or len(s.tokens) >= self.max_len:
-                req.finish_reason = "length"
+                reason = "length"
                 break
         if self.tokenizer is not None:
-            req.text = self.tokenizer.decode(req.output_ids)  # type: ignore[attr-defined]
-            hits = [(at, stop) for stop in p.stop if stop and (at := req.text.find(stop)) >= 0]
+            seen = len(req.text)
+            text = self.tokenizer.decode(req.output_ids)  # type: ignore[attr-defined]
+            # a stop string can only newly appear in the new characters (plus the overlap of its own length)
+            hits = [(at, stop) for stop in p.stop if stop and (at := text.find(stop, max(0, seen - len(stop)))) >= 0]
             if hits:
-                at, stop = min(hits)
-                req.text, req.stop_text, req.finish_reason = req.text[:at], stop, "stop"
+                at, req.stop_text = min(hits)
+                text, reason = text[:at], "stop"
+            req.text = text
+        if reason is not None:
+            req.finish_reason = reason

@@ -72,9 +72,10 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 def save_training_checkpoint(
     root: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
-    keep_last: int = 2,
+    keep_last: int = 2, extra_files: list[Path] | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep_last`."""
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep_last`. `extra_files` (e.g. the
+    tokenizer.json, so that the checkpoint alone can be served) are copied in when they exist."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
@@ -88,6 +89,9 @@ def save_training_checkpoint(
     save_file(rng_tensors, tmp / "rng.safetensors")
     state = {**trainer_state, "step": step, "optimizer": opt_meta, "rng": rng_meta}
     (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
+    for extra in extra_files or []:
+        if Path(extra).is_file():
+            shutil.copyfile(extra, tmp / Path(extra).name)
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     for p in files:

@@ -162,7 +162,7 @@ class Trainer:
     def save(self) -> Path:
         state = {"data": self.loader.state_dict(), "train_config": self.cfg.to_dict()}
         return save_training_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state,
-                                        self.cfg.keep_last)
+                                        self.cfg.keep_last, extra_files=[self.data_dir / "tokenizer.json"])
 
     def run(self, max_steps: int | None = None) -> TrainResult:
         """Train until cfg.steps (or `max_steps` more steps); SIGINT/SIGTERM checkpoint and stop."""

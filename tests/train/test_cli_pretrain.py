@@ -23,6 +23,11 @@ def test_pretrain_cli_then_resume(tmp_path, capsys):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5]
+    # the checkpoint carries its tokenizer, so the training output can be used directly for generation
+    assert (out / "checkpoints" / "step_00000005" / "tokenizer.json").is_file()
+    assert main(["generate", str(out), "def main(", "--max-tokens", "5", "--seed", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "prompt +" in captured.err and "generated tokens" in captured.err
 
 
 def test_speedrun_writes_report(tmp_path):

@@ -1,0 +1,144 @@
+"""DeepSeek-V3 / R1 chat template as plain functions.
+
+    text = render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], tok)
+    # '<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜>'
+    ids = encode_chat(messages, tok)                 # the same, tokenised (user text never becomes specials)
+    reasoning, answer = split_think(r1_output, in_think=True)
+
+The layout follows DeepSeek-V3's `tokenizer_config.json`: bos, then every system message (joined by a blank
+line), then `<｜User｜>{content}` per user turn and `<｜Assistant｜>{content}<｜end▁of▁sentence｜>` per assistant
+turn; the generation prompt is `<｜Assistant｜>` (R1 style `<｜Assistant｜><think>\\n` with think=True). As in R1's
+template, an assistant turn in the history keeps only what follows its last `</think>` unless keep_think=True.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..data.tokenizer import SPECIAL_TOKENS
+
+ROLES = ("system", "user", "assistant")
+THINK, THINK_END = SPECIAL_TOKENS["think"], SPECIAL_TOKENS["think_end"]
+_NEEDED = ("bos", "eos", "user", "assistant")
+
+
+def chat_specials(tokenizer_or_specials: object | Mapping[str, str] | None = None) -> dict[str, str]:
+    """The strings of bos, eos, user, assistant, think and think_end: DeepSeek's spellings (None), a mapping of
+    those names to strings, or read from a tokenizer (`special_ids` + `id_to_token`, e.g. nanoseek's Tokenizer)."""
+    if tokenizer_or_specials is None:
+        found: dict[str, str] = dict(SPECIAL_TOKENS)
+    elif isinstance(tokenizer_or_specials, Mapping):
+        found = {k: v for k, v in tokenizer_or_specials.items() if isinstance(v, str)}
+    else:
+        ids = getattr(tokenizer_or_specials, "special_ids", None)
+        to_token = getattr(tokenizer_or_specials, "id_to_token", None)
+        if ids is None or to_token is None:
+            raise TypeError("expected a tokenizer with special_ids and id_to_token, a mapping or None")
+        found = {name: tok for name, tid in ids.items() if (tok := to_token(tid)) is not None}
+    missing = [name for name in _NEEDED if name not in found]
+    if missing:
+        raise ValueError(f"the chat template needs the special tokens {', '.join(missing)} "
+                         f"({', '.join(SPECIAL_TOKENS[m] for m in missing)}); this tokenizer lacks them")
+    found.setdefault("think", THINK)
+    found.setdefault("think_end", THINK_END)
+    return found
+
+
+def _content(i: int, message: Any) -> tuple[str, str]:
+    """(role, content) of one message, validated. Content may be a string or OpenAI-style text parts."""
+    if not isinstance(message, Mapping):
+        raise ValueError(f"messages[{i}] must be an object with 'role' and 'content', got {type(message).__name__}")
+    role = message.get("role")
+    if role not in ROLES:
+        raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+    if "content" not in message:
+        raise ValueError(f"messages[{i}] has no 'content'")
+    content = message["content"]
+    if isinstance(content, list):  # [{"type": "text", "text": "..."}, ...]
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise ValueError(f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': str}}")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise ValueError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+    return role, content
+
+
+def validate_messages(messages: Any) -> list[tuple[str, str]]:
+    """[(role, content)] of an OpenAI-style message list; ValueError naming the first problem."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
+        raise ValueError(f"messages must be a list of {{'role', 'content'}} objects, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("messages must not be empty")
+    return [_content(i, m) for i, m in enumerate(messages)]
+
+
+def strip_think(content: str, think_end: str = THINK_END) -> str:
+    """What follows the last `</think>` (the whole content when there is none), as R1's template keeps it."""
+    return content.rsplit(think_end, 1)[-1]
+
+
+def _pieces(messages: Any, sp: dict[str, str], add_generation_prompt: bool, keep_think: bool,
+            think: bool) -> list[tuple[str, str]]:
+    """The template as (kind, text) pieces: kind 'special' (one special token), 'system', 'user' or 'assistant'."""
+    turns = validate_messages(messages)
+    system = "\n\n".join(c for r, c in turns if r == "system")
+    out: list[tuple[str, str]] = [("special", sp["bos"]), ("system", system)]
+    for role, content in turns:
+        if role == "user":
+            out += [("special", sp["user"]), ("user", content)]
+        elif role == "assistant":
+            text = content if keep_think else strip_think(content, sp["think_end"])
+            out += [("special", sp["assistant"]), ("assistant", text), ("special", sp["eos"])]
+    if add_generation_prompt:
+        out.append(("special", sp["assistant"]))
+        if think:
+            out += [("special", sp["think"]), ("assistant", "\n")]
+    return [(kind, text) for kind, text in out if text]
+
+
+def render_chat(
+    messages: Sequence[Mapping[str, Any]], tokenizer_or_specials: object | Mapping[str, str] | None = None,
+    add_generation_prompt: bool = True, keep_think: bool = False, think: bool = False,
+) -> str:
+    """The DeepSeek-V3 prompt string of `messages` ([{role: system|user|assistant, content: str}, ...]).
+
+    tokenizer_or_specials: where the special-token spellings come from (see `chat_specials`; None = DeepSeek's).
+    add_generation_prompt: end with `<｜Assistant｜>` so the model answers next; think: then open `<think>\\n`
+    (R1). keep_think: keep the `<think>…</think>` part of assistant turns (R1's template drops it)."""
+    sp = chat_specials(tokenizer_or_specials)
+    return "".join(text for _, text in _pieces(messages, sp, add_generation_prompt, keep_think, think))
+
+
+def encode_chat(
+    messages: Sequence[Mapping[str, Any]], tokenizer: Any, add_generation_prompt: bool = True,
+    keep_think: bool = False, think: bool = False,
+) -> list[int]:
+    """Token ids of `render_chat(...)`: the template's own markers become special ids, and user content is encoded
+    as plain text, so a user who types `<｜Assistant｜>` cannot forge a turn. System and assistant content may
+    contain specials (e.g. the `<think>` tags of a kept reasoning section)."""
+    sp = chat_specials(tokenizer)
+    ids: list[int] = []
+    for kind, text in _pieces(messages, sp, add_generation_prompt, keep_think, think):
+        if kind == "special":
+            tid = tokenizer.token_to_id(text)
+            ids += [tid] if tid is not None else tokenizer.encode(text, allow_special=True)
+        else:
+            ids += tokenizer.encode(text, allow_special=kind != "user")
+    return ids
+
+
+def split_think(text: str, in_think: bool = False) -> tuple[str, str]:
+    """(reasoning, answer) of an R1-style output `[<think>]reasoning</think>answer`, both stripped of surrounding
+    whitespace. The first `</think>` ends the reasoning. in_think: the prompt already opened `<think>` (think=True),
+    so an output with no `</think>` yet is all reasoning; otherwise only a leading `<think>` opens one."""
+    if not in_think:
+        rest = text.lstrip()
+        if not rest.startswith(THINK):
+            return "", text.strip()
+        text = rest[len(THINK):]
+    reasoning, found, answer = text.partition(THINK_END)
+    return reasoning.strip(), answer.strip() if found else ""

@@ -1,0 +1,217 @@
+"""`nanoseek generate`, `nanoseek chat` and `nanoseek serve`: load a checkpoint + tokenizer, build an Engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import Tokenizer
+from ..model import Transformer
+from .engine import Engine, Request, SamplingParams
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (with config.json), or a training output whose newest checkpoint is used."""
+    p = Path(path)
+    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        return p
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    steps = sorted(d for d in root.glob("step_*") if (d / "config.json").is_file())
+    if steps:
+        return steps[-1]
+    raise SystemExit(f"nanoseek: {p}: no checkpoint here (expected config.json + *.safetensors, or "
+                     f"checkpoints/step_*/)")
+
+
+def load_tokenizer(ckpt: Path, explicit: str | None) -> Tokenizer:
+    candidates = [Path(explicit)] if explicit else [ckpt / "tokenizer.json"]
+    for c in candidates:
+        if c.exists():
+            return Tokenizer.load(c)
+    raise SystemExit(f"nanoseek: no tokenizer.json in {ckpt}; pass --tokenizer PATH")
+
+
+def load_for_inference(args: argparse.Namespace) -> tuple[Transformer, Tokenizer, Path]:
+    from .. import load
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    tok = load_tokenizer(ckpt, args.tokenizer)
+    kwargs = {"keep_fp8": True} if getattr(args, "fp8_weights", False) else {}
+    model = load(ckpt, dtype=torch.float32, device=args.device, **kwargs)
+    if tok.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"nanoseek: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+    return model, tok, ckpt
+
+
+def build_engine(model: Transformer, tok: Tokenizer, args: argparse.Namespace) -> Engine:
+    return Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, cache=args.cache,
+                  prefill_chunk=args.prefill_chunk, speculative=args.speculative, compile=args.compile)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+
+
+def stream_text(engine: Engine, prompt_ids: list[int], params: SamplingParams, out=None) -> Request:
+    """Run one request, writing its text to `out` (stdout) as it becomes stable (stop strings never leak)."""
+    out = out or sys.stdout
+    req = engine.submit(prompt_ids, params)
+    sent = 0
+    while True:
+        if not req.finished:
+            engine.step()
+        text = req.stable_text(params.stop)
+        if len(text) > sent:
+            out.write(text[sent:])
+            out.flush()
+            sent = len(text)
+        if req.finished:
+            return req
+
+
+def summary(req: Request, engine: Engine, t0: float) -> str:
+    dt = time.time() - t0
+    n = len(req.output_ids)
+    ttft = (req.first_token_time or time.time()) - req.created
+    decode = dt - ttft
+    line = (f"[{len(req.prompt_ids)} prompt + {n} generated tokens, {req.finish_reason}; time to first token "
+            f"{ttft * 1e3:.0f} ms, decode {max(n - 1, 0) / decode if decode > 0 else 0:.1f} tok/s")
+    if engine.speculative:
+        line += f"; MTP drafts accepted {req.accepted}/{req.drafted}"
+    return line + "]"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model, tok, _ = load_for_inference(args)
+    engine = build_engine(model, tok, args)
+    if args.chat:
+        from .chat import render_chat
+
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        text = render_chat(messages, tok, think=args.think)
+    else:
+        text = args.prompt
+    ids = tok.encode(text, allow_special=args.chat)
+    if not args.chat and not args.no_bos:
+        ids = [tok.bos_id] + ids
+    t0 = time.time()
+    try:
+        req = stream_text(engine, ids, sampling_params(args))
+    except ValueError as e:
+        raise SystemExit(f"nanoseek: {e}") from None
+    print(flush=True)
+    print(summary(req, engine, t0), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import render_chat
+
+    model, tok, ckpt = load_for_inference(args)
+    engine = build_engine(model, tok, args)
+    params = sampling_params(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    print(f"nanoseek chat: {ckpt} ({engine.max_len}-token context). /reset clears the history, /exit quits.")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.encode(render_chat(system + history, tok, think=args.think), allow_special=True)
+        if len(ids) + 1 >= engine.max_len:
+            print("[the conversation no longer fits the context: /reset]")
+            history.pop()
+            continue
+        t0 = time.time()
+        try:
+            req = stream_text(engine, ids, params)
+        except KeyboardInterrupt:
+            print("\n[interrupted]")
+            history.pop()
+            for s in engine.slots:
+                if s is not None:
+                    s.req.cancelled = True
+            engine.step()  # frees the slot
+            continue
+        print(flush=True)
+        if args.verbose:
+            print(summary(req, engine, t0), file=sys.stderr)
+        history.append({"role": "assistant", "content": req.text})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    model, tok, ckpt = load_for_inference(args)
+    engine = build_engine(model, tok, args)
+    name = args.model_name or ckpt.name
+    serve(engine, tok, name, host=args.host, port=args.port, api_key=args.api_key,
+          max_tokens_limit=args.max_tokens_limit)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("checkpoint", metavar="CKPT", help="checkpoint dir (HF layout) or a training output dir")
+        p.add_argument("--tokenizer", help="tokenizer.json (default: the one in CKPT)")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--cache", choices=["latent", "naive"], default="latent",
+                       help="latent: weight-absorbed MLA caching c_kv + k_pe; naive: per-head K/V")
+        p.add_argument("--max-len", type=int, default=None, help="context length (default: the model's)")
+        p.add_argument("--max-batch", type=int, default=8, help="concurrent sequences (cache slots)")
+        p.add_argument("--prefill-chunk", type=int, default=512)
+        p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (greedy requests)")
+        p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first steps)")
+        p.add_argument("--fp8-weights", action="store_true",
+                       help="keep an FP8 checkpoint's weights in FP8, dequantised per block on the fly")
+
+    def sampling(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=int)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--stop", action="append", help="stop string (repeatable)")
+        p.add_argument("--system", help="system prompt")
+        p.add_argument("--think", action="store_true", help="open a <think> section (R1 style)")
+
+    p = sub.add_parser("generate", help="complete a prompt with a checkpoint (streams to stdout)")
+    common(p)
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the begin-of-sentence token")
+    sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal (streaming)")
+    common(p)
+    sampling(p)
+    p.add_argument("--verbose", action="store_true", help="print timing after each answer")
+    p.set_defaults(func=cmd_chat, max_batch=1)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    common(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $NANOSEEK_API_KEY)")
+    p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for")
+    p.add_argument("--model-name", help="the model id clients use (default: the checkpoint dir name)")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,62 @@
+"""Shared inputs of the tests/infer suite (a plain module, not a conftest.py: other test folders import `conftest`
+by name, which a second conftest.py here would shadow)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import uvicorn
+
+from nanoseek.data import Tokenizer, stdlib_sources, train_tokenizer
+
+_FILES = {"abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "heapq.py", "keyword.py", "numbers.py",
+          "operator.py", "queue.py", "random.py", "shlex.py", "string.py", "textwrap.py"}
+
+
+@functools.cache
+def small_tokenizer() -> Tokenizer:
+    """A 512-token BPE with DeepSeek's specials, trained on a few standard-library files (about a second)."""
+    texts = [p.read_text(encoding="utf-8") for p in stdlib_sources() if p.name in _FILES]
+    return train_tokenizer(texts, vocab_size=512, show_progress=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(app, timeout_graceful_shutdown: int | None = None) -> Iterator[tuple[uvicorn.Server, int]]:
+    """Serve `app` with uvicorn on a free loopback port in a background thread; shut it down on exit."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            timeout_graceful_shutdown=timeout_graceful_shutdown)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield server, port
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        assert not thread.is_alive(), "the server did not shut down"
+
+
+def wait_until(cond, timeout: float = 10.0, every: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return bool(cond())
