@@ -21,22 +21,28 @@ __version__ = "0.1.0"
 
 def load(
     path_or_preset: str | os.PathLike[str] | ModelConfig, dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, keep_fp8: bool = False,
 ) -> Transformer:
     """The model for a checkpoint directory (weights loaded), a config.json or preset name / ModelConfig
-    (randomly initialised). dtype defaults to float32; device to the CPU."""
+    (randomly initialised). dtype defaults to float32; device to the CPU. `keep_fp8`: the attention / MLP / expert
+    weights stay in FP8 with 128x128 block scales (as the FP8 release) and are dequantised in each forward."""
     if isinstance(path_or_preset, ModelConfig):
-        return build(path_or_preset, dtype, device)
-    p = Path(path_or_preset)
-    if p.is_dir():
-        return load_checkpoint(p, dtype, device)
-    if p.is_file():
-        return build(ModelConfig.from_json(p), dtype, device)
-    if str(path_or_preset) in PRESETS:
-        return build(preset(str(path_or_preset)), dtype, device)
-    raise FileNotFoundError(
-        f"{path_or_preset}: not a checkpoint directory, a config.json, or a preset ({', '.join(PRESETS)})"
-    )
+        model = build(path_or_preset, dtype, device)
+    elif Path(path_or_preset).is_dir():
+        return load_checkpoint(path_or_preset, dtype, device, keep_fp8=keep_fp8)
+    elif Path(path_or_preset).is_file():
+        model = build(ModelConfig.from_json(path_or_preset), dtype, device)
+    elif str(path_or_preset) in PRESETS:
+        model = build(preset(str(path_or_preset)), dtype, device)
+    else:
+        raise FileNotFoundError(
+            f"{path_or_preset}: not a checkpoint directory, a config.json, or a preset ({', '.join(PRESETS)})"
+        )
+    if keep_fp8:
+        from .fp8.weights import quantize_model_weights
+
+        model = quantize_model_weights(model)
+    return model
 
 
 __all__ = [

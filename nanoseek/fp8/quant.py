@@ -14,8 +14,8 @@ BLOCK = 128
 
 
 def _expand_scale(scale: torch.Tensor, shape: torch.Size, block: int) -> torch.Tensor:
-    rows, cols = shape
-    return scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    rows, cols = shape[-2:]
+    return scale.repeat_interleave(block, -2)[..., :rows, :].repeat_interleave(block, -1)[..., :cols]
 
 
 def quantize_weight_block(
@@ -41,9 +41,9 @@ def quantize_weight_block(
 def dequantize_weight_block(
     q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32, block: int = BLOCK
 ) -> torch.Tensor:
-    """float8 weight [out, in] times its per-block scale [ceil(out/b), ceil(in/b)] -> `dtype`."""
-    rows, cols = q.shape
-    want = (-(-rows // block), -(-cols // block))
+    """float8 weight [..., out, in] times its per-block scale [..., ceil(out/b), ceil(in/b)] -> `dtype`."""
+    rows, cols = q.shape[-2:]
+    want = (*q.shape[:-2], -(-rows // block), -(-cols // block))
     if tuple(scale_inv.shape) != want:
         raise ValueError(
             f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {want} for weight {(rows, cols)}"

@@ -4,7 +4,8 @@
 - routed experts one by one: `model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`;
 - MTP module k at `model.layers.{num_hidden_layers + k}.*`, with its own copies of `embed_tokens` and
   `shared_head.head` (equal to the main embedding and head, which they share here);
-- FP8 weights (`float8_e4m3fn`) with `weight_scale_inv` per 128x128 block, dequantised on load.
+- FP8 weights (`float8_e4m3fn`) with `weight_scale_inv` per 128x128 block, dequantised on load, or kept in FP8
+  (`keep_fp8=True`: loaded as they are into the FP8 modules of nanoseek.fp8.weights).
 
 Loading checks every shard header first (missing shard, missing/extra key, shape, dtype) and only then streams
 tensors one at a time into the model: nothing is half-loaded, and never two full copies are in memory.
@@ -72,6 +73,8 @@ def checkpoint_layout(model: Transformer) -> dict[str, Slot]:
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     for name, t in tensors.items():
+        if _is_fp8_scale(tensors, name):  # an FP8 module's scales travel with their weight
+            continue
         m = re.match(r"mtp\.(\d+)\.(.*)", name)
         key = f"model.layers.{n + int(m.group(1))}.{m.group(2)}" if m else name
         if name.endswith("mlp.experts.gate_up_proj"):
@@ -95,6 +98,25 @@ def checkpoint_layout(model: Transformer) -> dict[str, Slot]:
         layout[f"model.layers.{n + k}.shared_head.head.weight"] = Slot(
             "lm_head.weight", tuple(head.shape), shared_copy=True)
     return layout
+
+
+def _is_fp8_scale(tensors: dict[str, torch.Tensor], name: str) -> bool:
+    base = tensors.get(name.removesuffix("_scale_inv")) if name.endswith("_scale_inv") else None
+    return base is not None and base.dtype in _FP8_DTYPES
+
+
+def _scale_view(tensors: dict[str, torch.Tensor], slot: Slot) -> torch.Tensor:
+    """The block scales of an FP8 module's slot: `<name>_scale_inv`, for an expert its [e] slice and, for gate or
+    up rows of gate_up_proj, the gate (first) or up (second) half of the block rows."""
+    s = tensors[slot.name + "_scale_inv"]
+    if slot.expert is not None:
+        s = s[slot.expert]
+        if slot.rows is not None:
+            start, stop = slot.rows
+            n = -(-(stop - start) // BLOCK)
+            part = start // (stop - start)  # 0: gate rows [0, I), 1: up rows [I, 2I)
+            s = s[part * n : (part + 1) * n]
+    return s
 
 
 def _slot_view(tensors: dict[str, torch.Tensor], slot: Slot) -> torch.Tensor:
@@ -142,10 +164,19 @@ def save(
     out.mkdir(parents=True, exist_ok=True)
     tensors = _all_tensors(model)
     layout = checkpoint_layout(model)
+    hp_dtype = model.model.embed_tokens.weight.dtype
 
     def items() -> Iterator[tuple[str, torch.Tensor]]:
         for key, slot in layout.items():
             t = _slot_view(tensors, slot).detach()
+            if t.dtype in _FP8_DTYPES:  # a weight kept in FP8 (nanoseek.fp8.weights): written as it is
+                s = _scale_view(tensors, slot).detach()
+                if fp8:
+                    yield key, t
+                    yield key + "_scale_inv", s
+                else:
+                    yield key, dequantize_weight_block(t, s, dtype or hp_dtype)
+                continue
             if t.dtype.is_floating_point and not key.endswith("e_score_correction_bias"):
                 if fp8 and slot.quantizable:
                     q, s = quantize_weight_block(t)
@@ -162,7 +193,8 @@ def save(
             numel *= d
         if fp8 and slot.quantizable:
             return numel
-        esize = (dtype or tensors[slot.name].dtype).itemsize
+        t = tensors[slot.name]
+        esize = (dtype or (hp_dtype if t.dtype in _FP8_DTYPES else t.dtype)).itemsize
         return numel * (4 if key.endswith("e_score_correction_bias") else esize)
 
     # plan shards from sizes only (no tensor is materialised yet)
@@ -217,7 +249,7 @@ def save(
     cfg = model.config.to_hf_dict()
     if fp8:
         cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
-    save_dtype = dtype or model.model.embed_tokens.weight.dtype
+    save_dtype = dtype or hp_dtype
     cfg["torch_dtype"] = str(save_dtype).removeprefix("torch.")
     _atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
@@ -331,8 +363,14 @@ def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.devi
 
 def load_checkpoint(
     path: str | os.PathLike[str], dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    keep_fp8: bool = False,
 ) -> Transformer:
-    """Load an HF-layout directory into a new Transformer. dtype default: float32 (CPU-friendly)."""
+    """Load an HF-layout directory into a new Transformer. dtype default: float32 (CPU-friendly).
+
+    FP8 weights are dequantised at load (W = q * weight_scale_inv per 128x128 block) unless `keep_fp8`: then the
+    layers the FP8 release quantises are FP8 modules (nanoseek.fp8.weights) that receive q and weight_scale_inv
+    as stored and dequantise in each forward; no high-precision copy of those weights is made. A high-precision
+    checkpoint loaded with `keep_fp8` is block-quantised tensor by tensor as it streams in."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a checkpoint directory")
@@ -354,7 +392,13 @@ def load_checkpoint(
     layout = checkpoint_layout(skeleton)
     _check(layout, found)
     del skeleton
-    model = build(cfg, dtype, device, init=False)
+    if keep_fp8:
+        from ..fp8.weights import quantize_model_weights
+
+        model = quantize_model_weights(build(cfg, dtype, "meta"))  # structure only: nothing allocated yet
+        model.to_empty(device=torch.device(device or "cpu"))
+    else:
+        model = build(cfg, dtype, device, init=False)
     tensors = _all_tensors(model)
     done: set[str] = set()
     with torch.no_grad():
@@ -365,6 +409,7 @@ def load_checkpoint(
                     if slot is None or slot.shared_copy:
                         continue
                     t = sf.get_tensor(key)
+                    dst = _slot_view(tensors, slot)
                     if t.dtype in _FP8_DTYPES:
                         sfile = found[key + "_scale_inv"][0]
                         if sfile == f:
@@ -372,8 +417,13 @@ def load_checkpoint(
                         else:
                             with safe_open(sfile, framework="pt") as other:
                                 s = other.get_tensor(key + "_scale_inv")
-                        t = dequantize_weight_block(t, s)
-                    dst = _slot_view(tensors, slot)
+                        if dst.dtype in _FP8_DTYPES:  # keep_fp8: codes and scales as stored
+                            _scale_view(tensors, slot).copy_(s)
+                        else:
+                            t = dequantize_weight_block(t, s)
+                    elif dst.dtype in _FP8_DTYPES:  # keep_fp8 from a high-precision checkpoint
+                        t, s = quantize_weight_block(t)
+                        _scale_view(tensors, slot).copy_(s)
                     dst.copy_(t.to(dst.dtype))
                     done.add(key)
     left = [k for k, s in layout.items() if not s.shared_copy and k not in done]

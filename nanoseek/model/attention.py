@@ -96,12 +96,17 @@ class MLA(nn.Module):
         )
         return out.transpose(1, 2)[..., : self.v_dim]
 
+    def kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W_UKV [H*(dn+dv), R] as a matrix (a kv_b_proj holding FP8 weights dequantises it here)."""
+        dequantize = getattr(self.kv_b_proj, "dequantize", None)
+        return dequantize(dtype) if dequantize is not None else self.kv_b_proj.weight
+
     def attend_absorbed(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Weight-absorbed form: score = [q_nope W_UK; q_pe] . [c_kv; k_pe], out = (p c_kv) W_UV^T per head.
         Only the latent kv [B,T,R+dr] is read. Returns [B,S,H,dv]."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope + self.v_dim, self.kv_lora_rank)
+        w = self.kv_b_weight(kv.dtype).view(self.n_heads, self.qk_nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.qk_nope], w[:, self.qk_nope :]
         q = torch.cat((torch.matmul(q_nope.transpose(1, 2), w_uk), q_pe.transpose(1, 2)), dim=-1)  # [B,H,S,R+dr]
         scores = torch.matmul(q, kv.unsqueeze(1).transpose(-1, -2)).float() * self.scale  # [B,H,S,T]
