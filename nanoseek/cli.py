@@ -117,6 +117,85 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# SFT recipe: short warm-up, then cosine to 10% over the whole run; no batch ramp; MTP lambda and router-bias
+# updates as in pre-training but without their late-phase switches
+SFT_DEFAULTS = dict(lr=3e-4, warmup_frac=0.03, constant_until=0.03, cosine_until=1.0, tail_until=1.0,
+                    batch_ramp_frac=0.0, mtp_lambda_switch=1.0, bias_freeze_frac=1.0, steps=200, batch_size=8,
+                    micro_batch_size=8, seq_len=256, eval_every=25, ckpt_every=50)
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from .infer.commands import load_tokenizer, resolve_checkpoint
+    from .io import read_config
+    from .model.config import ConfigError
+    from .train import TrainConfig, Trainer, apply_overrides
+    from .train.sft import SFTDataError, prepare_sft
+
+    init = resolve_checkpoint(args.init)
+    tok = load_tokenizer(init, args.tokenizer)
+    out = Path(args.out)
+    try:
+        model_cfg = read_config(init)
+        train_cfg = TrainConfig(**{**SFT_DEFAULTS, "seed": args.seed, "init_from": str(init)})
+        sets = list(args.set or []) + ([f"steps={args.steps}"] if args.steps is not None else [])
+        model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets)
+    except ConfigError as e:
+        raise SystemExit(f"nanoseek: {e}") from None
+    data_dir = out / "data"
+    if not (args.resume and (data_dir / "data.json").is_file()):
+        try:
+            info = prepare_sft(args.data, tok, data_dir, heldout_frac=args.heldout_frac, seed=args.seed)
+        except (SFTDataError, OSError) as e:
+            raise SystemExit(f"nanoseek: {e}") from None
+        print(f"SFT data: {info['examples']['train']} train / {info['examples']['val']} held-out examples, "
+              f"{info['trained_tokens']['train']:,} of {info['tokens']['train']:,} training tokens are assistant "
+              f"tokens")
+    try:
+        trainer = Trainer(model_cfg, train_cfg, data_dir, out, resume=args.resume)
+    except ValueError as e:
+        raise SystemExit(f"nanoseek: {e}") from None
+    result = trainer.run()
+    state = "interrupted" if result.interrupted else "done"
+    held = f"{result.final_heldout_loss:.4f}" if result.final_heldout_loss is not None else "n/a"
+    print(f"{state}: {result.steps_done}/{train_cfg.steps} steps, held-out loss on assistant tokens {held}; "
+          f"checkpoints {out / 'checkpoints'}")
+    return 0
+
+
+def cmd_grpo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .infer.commands import load_tokenizer, resolve_checkpoint
+    from .io import load_checkpoint
+    from .rl.grpo import GRPOConfig, GRPOTrainer
+    from .train.config import parse_value
+
+    init = resolve_checkpoint(args.init)
+    tok = load_tokenizer(init, args.tokenizer)
+    kw: dict = {"task": args.task, "seed": args.seed}
+    if args.steps is not None:
+        kw["steps"] = args.steps
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    try:
+        kw["task_knobs"] = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.knob or [])}
+        for item in args.set or []:
+            key, _, value = item.partition("=")
+            if key not in fields:
+                raise ValueError(f"unknown GRPO setting {key!r}; known: {', '.join(sorted(fields))}")
+            kw[key] = parse_value(value)
+        cfg = GRPOConfig(**kw)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"nanoseek: {e}") from None
+    trainer = GRPOTrainer(load_checkpoint(init), tok, cfg, args.out, resume=args.resume)
+    records = trainer.run()
+    evals = [r for r in records if r["kind"] == "eval"]
+    if evals:
+        print(f"held-out accuracy {evals[0]['heldout_accuracy']:.1%} (step {evals[0]['step']}) -> "
+              f"{evals[-1]['heldout_accuracy']:.1%} (step {evals[-1]['step']}) on {evals[-1]['heldout_n']} problems; "
+              f"metrics {Path(args.out) / 'metrics.jsonl'}, plot {Path(args.out) / 'grpo.png'}")
+    return 0
+
+
 def cmd_speedrun(args: argparse.Namespace) -> int:
     from .train.speedrun import speedrun
 
@@ -171,6 +250,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--fp8", action="store_true", help="FP8 training (emulated on CPU)")
     p.set_defaults(func=cmd_speedrun)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens only)")
+    p.add_argument("--init", required=True, help="checkpoint to start from (dir or training output)")
+    p.add_argument("--data", nargs="+", required=True, help="JSONL files with a 'messages' list per line")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the --init checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--heldout-frac", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training field")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("grpo", help="GRPO with rule-based rewards on a verifiable task (R1-Zero recipe)")
+    p.add_argument("--init", required=True, help="checkpoint to start from (dir or training output)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown")
+    p.add_argument("--knob", action="append", metavar="KEY=VALUE", help="task difficulty, e.g. digits=1")
+    p.add_argument("--tokenizer")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a GRPOConfig field, e.g. group_size=16, beta=0.001, aggregation=dapo, eps_high=0.28")
+    p.set_defaults(func=cmd_grpo)
 
     from .infer.commands import add_parsers
 

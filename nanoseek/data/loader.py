@@ -1,4 +1,4 @@
-"""Batches of packed token windows from a shard, with exact resume."""
+"""Batches of packed token windows from a shard, with exact resume (and an optional loss-mask shard for SFT)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,20 @@ def _n_windows(shard: TokenShard, seq_len: int) -> int:
     return max(len(shard) - 1, 0) // seq_len
 
 
-def _gather(shard: TokenShard, windows: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather(shard: TokenShard, windows: np.ndarray, seq_len: int,
+            loss_mask: TokenShard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     idx = windows.astype(np.int64)[:, None] * seq_len + np.arange(seq_len + 1, dtype=np.int64)[None, :]
     data = torch.from_numpy(np.asarray(shard.tokens[idx], dtype=np.int64))
-    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    if loss_mask is not None:  # SFT: targets whose mask is 0 (prompt, template) are ignored (-100)
+        keep = torch.from_numpy(np.asarray(loss_mask.tokens[idx[:, 1:]], dtype=np.int64)) > 0
+        y = y.masked_fill(~keep, -100)
+    return x, y
+
+
+def _check_mask(shard: TokenShard, loss_mask: TokenShard | None) -> None:
+    if loss_mask is not None and len(loss_mask) != len(shard):
+        raise ValueError(f"{loss_mask.path}: {len(loss_mask)} mask entries for {len(shard)} tokens in {shard.path}")
 
 
 class PackedBatches:
@@ -29,8 +39,11 @@ class PackedBatches:
     token after the first is predicted exactly once per epoch. Each epoch visits all windows in a permutation
     seeded by (seed, epoch); a batch that runs past the end of an epoch continues into the next one."""
 
-    def __init__(self, shard: TokenShard, batch_size: int, seq_len: int, seed: int = 0) -> None:
+    def __init__(self, shard: TokenShard, batch_size: int, seq_len: int, seed: int = 0,
+                 loss_mask: TokenShard | None = None) -> None:
+        _check_mask(shard, loss_mask)
         self.shard, self.batch_size, self.seq_len, self.seed = shard, batch_size, seq_len, seed
+        self.loss_mask = loss_mask
         self.n_windows = _n_windows(shard, seq_len)
         if self.n_windows == 0:
             raise ValueError(f"{shard.path}: {len(shard)} tokens are too few for one window of {seq_len + 1}")
@@ -57,7 +70,7 @@ class PackedBatches:
                 self.epoch += 1
                 self.pos = 0
                 self._perm = self._permutation(self.epoch)
-        return _gather(self.shard, np.concatenate(picked), self.seq_len)
+        return _gather(self.shard, np.concatenate(picked), self.seq_len, self.loss_mask)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain (JSON-able) position in the data stream."""
@@ -78,10 +91,11 @@ class PackedBatches:
         self._perm = self._permutation(self.epoch)
 
 
-def heldout_batches(shard: TokenShard, batch_size: int, seq_len: int,
-                    max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def heldout_batches(shard: TokenShard, batch_size: int, seq_len: int, max_batches: int,
+                    loss_mask: TokenShard | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed evaluation batches: up to max_batches * batch_size windows spread evenly over the shard, in order.
     The last batch may be smaller; ValueError if the shard cannot fill a single window."""
+    _check_mask(shard, loss_mask)
     if batch_size < 1 or max_batches < 1:
         raise ValueError(f"batch_size and max_batches must be >= 1, got {batch_size} and {max_batches}")
     n_windows = _n_windows(shard, seq_len)
@@ -89,4 +103,4 @@ def heldout_batches(shard: TokenShard, batch_size: int, seq_len: int,
         raise ValueError(f"{shard.path}: {len(shard)} held-out tokens are too few for one window of {seq_len + 1}")
     n = min(n_windows, max_batches * batch_size)
     windows = np.arange(n, dtype=np.int64) * n_windows // n
-    return [_gather(shard, windows[i:i + batch_size], seq_len) for i in range(0, n, batch_size)]
+    return [_gather(shard, windows[i:i + batch_size], seq_len, loss_mask) for i in range(0, n, batch_size)]

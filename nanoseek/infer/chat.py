@@ -115,20 +115,29 @@ def render_chat(
 
 def encode_chat(
     messages: Sequence[Mapping[str, Any]], tokenizer: Any, add_generation_prompt: bool = True,
-    keep_think: bool = False, think: bool = False,
-) -> list[int]:
+    keep_think: bool = False, think: bool = False, return_mask: bool = False,
+) -> list[int] | tuple[list[int], list[int]]:
     """Token ids of `render_chat(...)`: the template's own markers become special ids, and user content is encoded
     as plain text, so a user who types `<｜Assistant｜>` cannot forge a turn. System and assistant content may
-    contain specials (e.g. the `<think>` tags of a kept reasoning section)."""
+    contain specials (e.g. the `<think>` tags of a kept reasoning section).
+
+    return_mask: also a 0/1 list marking what SFT trains on: assistant content and the end-of-sentence token that
+    closes each assistant turn (not the system/user text or the template markers)."""
     sp = chat_specials(tokenizer)
     ids: list[int] = []
+    mask: list[int] = []
+    prev = ""
     for kind, text in _pieces(messages, sp, add_generation_prompt, keep_think, think):
         if kind == "special":
             tid = tokenizer.token_to_id(text)
-            ids += [tid] if tid is not None else tokenizer.encode(text, allow_special=True)
+            new = [tid] if tid is not None else tokenizer.encode(text, allow_special=True)
         else:
-            ids += tokenizer.encode(text, allow_special=kind != "user")
-    return ids
+            new = tokenizer.encode(text, allow_special=kind != "user")
+        trained = kind == "assistant" or (kind == "special" and text == sp["eos"] and prev == "assistant")
+        ids += new
+        mask += [int(trained)] * len(new)
+        prev = kind
+    return (ids, mask) if return_mask else ids
 
 
 def split_think(text: str, in_think: bool = False) -> tuple[str, str]:

@@ -56,6 +56,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     fp8: bool = False  # FP8 GEMMs (attention projections, MLPs, experts) with fine-grained scales (SPEC §3)
     fp8_pow2_scale: bool = False  # round FP8 scales up to powers of two (ue8m0)
+    init_from: str | None = None  # start from this checkpoint's weights (fine-tuning: SFT) instead of random init
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):

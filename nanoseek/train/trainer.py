@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..data import PackedBatches, TokenShard, heldout_batches
 from ..fp8 import convert_to_fp8
-from ..io import build
+from ..io import build, load_checkpoint
 from ..model import ModelConfig, Transformer, update_bias
 from .checkpoint import load_latest, restore_optimizer, save_training_checkpoint, set_rng_state
 from .config import TrainConfig, write_resolved
@@ -60,12 +60,24 @@ class Trainer:
             raise ValueError(f"tokenizer has {vocab} tokens but the model's vocab_size is {model_cfg.vocab_size}")
         self.train_shard = TokenShard.open(self.data_dir / "train.bin", self.tok_hash)
         self.val_shard = TokenShard.open(self.data_dir / "val.bin", self.tok_hash)
-        self.loader = PackedBatches(self.train_shard, cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed)
+        # SFT data (nanoseek.train.sft) comes with loss masks: only assistant tokens are trained and evaluated
+        masks = [self.data_dir / f"{k}_mask.bin" for k in ("train", "val")]
+        self.train_mask, self.val_mask = (
+            [TokenShard.open(m, self.tok_hash) for m in masks] if masks[0].exists() else [None, None])
+        self.loader = PackedBatches(self.train_shard, cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed,
+                                    loss_mask=self.train_mask)
         self.step = 0
         self.ckpt_root = self.out_dir / "checkpoints"
         resumed = load_latest(self.ckpt_root, device=self.device) if resume else None
         torch.manual_seed(cfg.seed)
-        if resumed is None:
+        if resumed is None and cfg.init_from:
+            self.model = load_checkpoint(cfg.init_from, torch.float32, self.device).train()
+            if self.model.config.to_dict() != model_cfg.to_dict():
+                raise ValueError(f"{cfg.init_from}: its model config differs from the requested one")
+            if cfg.fp8:
+                convert_to_fp8(self.model, cfg.fp8_pow2_scale)
+            self.optimizer = build_optimizer(self.model, cfg)
+        elif resumed is None:
             self.model: Transformer = build(model_cfg, torch.float32, self.device)
             if cfg.fp8:
                 convert_to_fp8(self.model, cfg.fp8_pow2_scale)
@@ -86,7 +98,8 @@ class Trainer:
                 print(f"resumed from {path} at step {self.step}")
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
         write_resolved(self.out_dir, model_cfg, cfg, {"data_dir": str(self.data_dir), "data": info})
-        self.heldout = heldout_batches(self.val_shard, cfg.micro_batch_size, cfg.seq_len, cfg.eval_batches)
+        self.heldout = heldout_batches(self.val_shard, cfg.micro_batch_size, cfg.seq_len, cfg.eval_batches,
+                                       self.val_mask)
         self._stop = False
 
     # ---------------------------------------------------------------------------------------- evaluation
