@@ -117,19 +117,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-# SFT recipe: short warm-up, then cosine to 10% over the whole run; no batch ramp; MTP lambda and router-bias
-# updates as in pre-training but without their late-phase switches
-SFT_DEFAULTS = dict(lr=3e-4, warmup_frac=0.03, constant_until=0.03, cosine_until=1.0, tail_until=1.0,
-                    batch_ramp_frac=0.0, mtp_lambda_switch=1.0, bias_freeze_frac=1.0, steps=200, batch_size=8,
-                    micro_batch_size=8, seq_len=256, eval_every=25, ckpt_every=50)
-
-
 def cmd_sft(args: argparse.Namespace) -> int:
     from .infer.commands import load_tokenizer, resolve_checkpoint
     from .io import read_config
     from .model.config import ConfigError
     from .train import TrainConfig, Trainer, apply_overrides
-    from .train.sft import SFTDataError, prepare_sft
+    from .train.sft import SFT_DEFAULTS, SFTDataError, prepare_sft
 
     init = resolve_checkpoint(args.init)
     tok = load_tokenizer(init, args.tokenizer)
@@ -196,12 +189,51 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    import itertools
+
+    from .infer.commands import load_tokenizer, resolve_checkpoint
+    from .io import load_checkpoint
+    from .rl.distill import EndpointTeacher, EngineTeacher, distill
+    from .rl.tasks import generate, load_jsonl
+    from .train.config import parse_value
+
+    out = Path(args.out)
+    if args.problems:
+        problems = load_jsonl(args.problems, limit=args.n)
+    else:
+        knobs = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.knob or [])}
+        problems = list(itertools.islice(generate(args.task, seed=args.seed, **knobs), args.n))
+    if args.teacher.startswith(("http://", "https://")):
+        if not args.teacher_model:
+            raise SystemExit("nanoseek: an endpoint teacher needs --teacher-model")
+        teacher = EndpointTeacher(args.teacher, args.teacher_model, args.api_key)
+    else:
+        ckpt = resolve_checkpoint(args.teacher)
+        teacher = EngineTeacher(load_checkpoint(ckpt), load_tokenizer(ckpt, args.tokenizer), name=str(ckpt))
+    traces = out / "traces.jsonl"
+    st = distill(problems, teacher, traces, k=args.k, temperature=args.temperature, max_tokens=args.max_tokens,
+                 seed=args.seed)
+    print(f"teacher {teacher.name}: {st.kept} of {st.samples} answers kept ({st.acceptance:.1%}), "
+          f"{st.solved}/{st.problems} problems solved -> {traces}")
+    if args.student:
+        if not st.kept:
+            raise SystemExit("nanoseek: the teacher produced no verified answer; nothing to fine-tune on")
+        sft_args = ["sft", "--init", args.student, "--data", str(traces), "--out", str(out / "sft"),
+                    "--steps", str(args.sft_steps), *sum((["--set", s] for s in args.set or []), [])]
+        if args.tokenizer:
+            sft_args += ["--tokenizer", args.tokenizer]
+        return main(sft_args)
+    return 0
+
+
 def cmd_speedrun(args: argparse.Namespace) -> int:
     from .train.speedrun import speedrun
 
     sets = list(args.set or []) + (["fp8=true"] if args.fp8 else [])
     s = speedrun(Path(args.out), args.preset, args.minutes, args.data or None, args.max_chars, args.steps,
-                 sets, args.seed)
+                 sets, args.seed, post_train=not args.no_post_train, sft_steps=args.sft_steps,
+                 grpo_minutes=args.grpo_minutes)
     print(json.dumps(s, indent=2))
     return 0
 
@@ -241,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("speedrun", help="tokenizer + corpus + pre-training + report, within a time budget")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--minutes", type=float, default=10.0, help="pre-training budget (post-training comes after)")
     p.add_argument("--out", default="runs/speedrun")
     p.add_argument("--data", nargs="*", help="files/folders (default: the Python standard library)")
     p.add_argument("--max-chars", type=int, default=12_000_000)
@@ -249,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--fp8", action="store_true", help="FP8 training (emulated on CPU)")
+    p.add_argument("--no-post-train", action="store_true", help="stop after pre-training (no SFT / GRPO)")
+    p.add_argument("--sft-steps", type=int, default=600)
+    p.add_argument("--grpo-minutes", type=float, default=5.0)
     p.set_defaults(func=cmd_speedrun)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens only)")
@@ -275,6 +310,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a GRPOConfig field, e.g. group_size=16, beta=0.001, aggregation=dapo, eps_high=0.28")
     p.set_defaults(func=cmd_grpo)
+
+    p = sub.add_parser("distill", help="rejection-sample a teacher's verified answers, then SFT a student")
+    p.add_argument("--teacher", required=True, help="a checkpoint dir, or an OpenAI-compatible base URL (http...)")
+    p.add_argument("--teacher-model", help="model name at the endpoint")
+    p.add_argument("--api-key", default=None, help="endpoint key (default: $OPENAI_API_KEY)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--task", default="arithmetic", help="a task generator (when no --problems file)")
+    p.add_argument("--knob", action="append", metavar="KEY=VALUE")
+    p.add_argument("--problems", help="JSONL problems (GSM8K or MATH layout) instead of a generator")
+    p.add_argument("--n", type=int, default=200, help="number of problems")
+    p.add_argument("--k", type=int, default=4, help="answers per problem")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--student", help="checkpoint to fine-tune on the kept traces (omit: only write them)")
+    p.add_argument("--tokenizer", help="tokenizer.json for checkpoints without one")
+    p.add_argument("--sft-steps", type=int, default=200)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="SFT training overrides")
+    p.set_defaults(func=cmd_distill)
 
     from .infer.commands import add_parsers
 

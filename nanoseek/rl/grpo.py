@@ -69,6 +69,7 @@ class GRPOConfig:
     ckpt_every: int = 25
     keep_last: int = 2
     seed: int = 0
+    max_minutes: float | None = None  # wall-clock budget for training steps (evaluation excluded); then stop
 
     def __post_init__(self) -> None:
         if self.aggregation not in ("grpo", "dapo", "dr_grpo"):
@@ -269,8 +270,16 @@ class GRPOTrainer:
                 records.append(self.evaluate())
                 self.metrics.write(records[-1])
             bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="grpo")
+            budget = float("inf") if cfg.max_minutes is None else cfg.max_minutes * 60
+            spent = 0.0
             while self.step < cfg.steps and not self._stop:
+                if spent >= budget:
+                    records.append(self.evaluate())
+                    self.metrics.write(records[-1])
+                    self.save()
+                    break
                 rec = self.train_step()
+                spent += rec["seconds"]
                 self.metrics.write(rec)
                 records.append(rec)
                 bar.update(1)
@@ -297,11 +306,19 @@ def plot_grpo(records: list[dict[str, Any]], out: Path) -> Path:
 
     tr = [r for r in records if r.get("kind") == "train"]
     ev = [r for r in records if r.get("kind") == "eval"]
+    steps = [r["step"] for r in tr]
+    w = max(1, len(tr) // 40)  # moving average over ~1/40 of the run (the faint line is the raw per-step value)
+
+    def smooth(xs: list[float]) -> list[float]:
+        return [sum(xs[max(0, i - w + 1) : i + 1]) / len(xs[max(0, i - w + 1) : i + 1]) for i in range(len(xs))]
+
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.5))
-    ax[0].plot([r["step"] for r in tr], [r["reward_mean"] for r in tr], label="reward (mean)")
-    ax[0].plot([r["step"] for r in tr], [r["accuracy"] for r in tr], label="train accuracy", alpha=0.6)
+    for a, key, label in ((ax[0], "reward_mean", "reward (mean)"), (ax[0], "accuracy", "train accuracy"),
+                          (ax[2], "completion_len", "completion length (tokens)")):
+        vals = [r[key] for r in tr]
+        line = a.plot(steps, vals, alpha=0.25)[0]
+        a.plot(steps, smooth(vals), color=line.get_color(), label=label)
     ax[1].plot([r["step"] for r in ev], [r["heldout_accuracy"] for r in ev], "o-", label="held-out accuracy")
-    ax[2].plot([r["step"] for r in tr], [r["completion_len"] for r in tr], label="completion length")
     for a in ax:
         a.set_xlabel("step")
         a.legend()

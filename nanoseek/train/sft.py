@@ -22,6 +22,12 @@ from ..data import Tokenizer
 from ..data.shards import write_shard
 from ..infer.chat import encode_chat
 
+# SFT recipe: short warm-up, then cosine to 10% over the whole run; no batch ramp; MTP lambda and router-bias
+# updates as in pre-training but without their late-phase switches
+SFT_DEFAULTS = dict(lr=3e-4, warmup_frac=0.03, constant_until=0.03, cosine_until=1.0, tail_until=1.0,
+                    batch_ramp_frac=0.0, mtp_lambda_switch=1.0, bias_freeze_frac=1.0, steps=200, batch_size=8,
+                    micro_batch_size=8, seq_len=256, eval_every=25, ckpt_every=50)
+
 
 class SFTDataError(ValueError):
     pass

@@ -35,8 +35,11 @@ def _calibrate(model_cfg, train_cfg: TrainConfig, data_dir: Path, scratch: Path)
 def speedrun(
     out: Path = Path("runs/speedrun"), preset_name: str = "tiny", minutes: float = 10.0,
     sources: list[str] | None = None, max_chars: int | None = 12_000_000, steps: int | None = None,
-    sets: list[str] | None = None, seed: int = 0, fim_cases: int = 100,
+    sets: list[str] | None = None, seed: int = 0, fim_cases: int = 100, post_train: bool = True,
+    sft_steps: int = 600, grpo_minutes: float = 5.0, post_eval_n: int = 200,
 ) -> dict[str, Any]:
+    """`minutes` budgets the pre-training; the post-training stages (SFT on teacher traces, then GRPO for
+    `grpo_minutes`, see nanoseek.rl.posttrain) come after it unless `post_train=False`."""
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,6 +84,14 @@ def speedrun(
         "total_seconds": round(time.perf_counter() - t_start, 1), "corpus": info.get("stats", {}),
         "device": str(trainer.device), "torch": torch.__version__,
     }
+    if post_train:
+        from ..infer.commands import resolve_checkpoint
+        from ..rl.posttrain import post_train as run_post_train
+
+        print(f"[post] SFT on teacher traces ({sft_steps} steps), then GRPO ({grpo_minutes:g} minutes)")
+        summary["post"] = run_post_train(out / "post", resolve_checkpoint(out / "pretrain"), tok, sft_steps,
+                                         grpo_minutes, seed, eval_n=post_eval_n)
+        summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _write_report(out, summary, fim, samples)
     print(f"report: {out / 'report.md'}")
@@ -119,4 +130,17 @@ def _write_report(out: Path, s: dict[str, Any], fim, samples: list[tuple[str, st
     lines += ["", "## Sample completions (greedy, 48 tokens)", ""]
     for prompt, gen in samples:
         lines += ["```python", prompt + gen, "```", ""]
+    p = s.get("post")
+    if p:
+        lines += [
+            "## Post-training: SFT on teacher traces, then GRPO", "",
+            f"Task: {p['task']} (chained one-digit + / −), answers checked by rule; held-out accuracy on "
+            f"{p['heldout_n']} problems, greedy.", "",
+            "| stage | held-out accuracy |", "|---|---|",
+            f"| pre-trained | {100 * p['accuracy_pretrained']:.1f}% |",
+            f"| after SFT ({p['sft_steps']} steps) | {100 * p['accuracy_sft']:.1f}% |",
+            f"| after GRPO ({p['grpo_steps']} steps, {p['grpo_seconds']:.0f} s) | {100 * p['accuracy_grpo']:.1f}% |",
+            "", "![SFT loss](post/sft/loss.png)", "", "Reward, held-out accuracy and completion length during GRPO:",
+            "", "![GRPO](post/grpo/grpo.png)", "",
+        ]
     (out / "report.md").write_text("\n".join(lines))

@@ -6,6 +6,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,11 @@ class Trainer:
                 print(f"resumed from {path} at step {self.step}")
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
         write_resolved(self.out_dir, model_cfg, cfg, {"data_dir": str(self.data_dir), "data": info})
-        self.heldout = heldout_batches(self.val_shard, cfg.micro_batch_size, cfg.seq_len, cfg.eval_batches,
+        eval_len = min(cfg.seq_len, len(self.val_shard) - 1)  # a small held-out split (e.g. SFT) gets shorter windows
+        if 0 < eval_len < cfg.seq_len:
+            warnings.warn(f"{self.val_shard.path}: {len(self.val_shard)} held-out tokens; evaluating on windows of "
+                          f"{eval_len} instead of {cfg.seq_len}", stacklevel=2)
+        self.heldout = heldout_batches(self.val_shard, cfg.micro_batch_size, max(eval_len, 1), cfg.eval_batches,
                                        self.val_mask)
         self._stop = False
 
@@ -187,7 +192,8 @@ class Trainer:
         tokens = 0
         last_eval = None
         history = []
-        bar = tqdm(total=end, initial=self.step, disable=not self.progress, desc="pretrain", unit="step")
+        desc = "sft" if self.train_mask is not None else "pretrain"
+        bar = tqdm(total=end, initial=self.step, disable=not self.progress, desc=desc, unit="step")
         try:
             while self.step < end and not self._stop:
                 ts = time.perf_counter()

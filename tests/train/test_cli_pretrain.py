@@ -32,7 +32,8 @@ def test_pretrain_cli_then_resume(tmp_path, capsys):
 
 def test_speedrun_writes_report(tmp_path):
     out = tmp_path / "sr"
-    assert main(["speedrun", "--out", str(out), "--steps", "3", "--max-chars", "300000", *SMALL]) == 0
+    assert main(["speedrun", "--out", str(out), "--steps", "3", "--max-chars", "300000", "--no-post-train",
+                 *SMALL]) == 0
     report = (out / "report.md").read_text()
     for needle in ("held-out loss", "FIM exact match", "pretrain/loss.png", "pretrain/expert_load.png",
                    "Sample completions"):

@@ -1,0 +1,80 @@
+"""The speedrun's post-training stages: teacher traces -> SFT -> GRPO, with held-out accuracy after each stage.
+
+The task is chained one-digit addition / subtraction ("Compute 5 - 8 + 8", `nanoseek.rl.tasks` arithmetic with
+digits=1, n_operands=3, ops="+-"): a problem space of 4,000 questions with a fixed held-out split of a few hundred,
+hard enough that a tiny model half-solves it after SFT, which is where RL with a verifiable reward helps (SPEC §5).
+The teacher is a program that writes short step-by-step traces in the R1 format:
+`<think>5 - 8 = -3. -3 + 8 = 5.</think> <answer>5</answer>`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import Tokenizer
+from ..io import load_checkpoint
+from ..train.config import TrainConfig
+from ..train.sft import SFT_DEFAULTS, prepare_sft
+from ..train.trainer import Trainer
+from .grpo import GRPOConfig, GRPOTrainer
+from .tasks import Problem, generate
+
+TASK_KNOBS: dict[str, Any] = {"digits": 1, "n_operands": 3, "ops": "+-"}
+
+
+def teacher_trace(problem: Problem) -> str:
+    """A step-by-step solution of a `+`/`-` chain, evaluated left to right (the teacher program)."""
+    toks = problem.question.removeprefix("Compute ").split()
+    if any(op not in "+-" for op in toks[1::2]):
+        raise ValueError(f"the teacher program only writes + / - chains, got {problem.question!r}")
+    acc, steps = int(toks[0]), []
+    for op, b in zip(toks[1::2], toks[2::2], strict=True):
+        new = acc + int(b) if op == "+" else acc - int(b)
+        steps.append(f"{acc} {op} {b} = {new}")
+        acc = new
+    if str(acc) != problem.answer:
+        raise AssertionError(f"teacher disagrees with the task on {problem.question!r}")
+    return f"<think>{'. '.join(steps)}.</think> <answer>{acc}</answer>"
+
+
+def write_traces(path: Path, n: int, seed: int) -> Path:
+    """n training-split problems with teacher traces as chat JSONL (with provenance)."""
+    rows = [{"messages": [{"role": "user", "content": p.question},
+                          {"role": "assistant", "content": teacher_trace(p)}],
+             "source": "teacher-program", "id": p.id}
+            for p in generate("arithmetic", n, seed=seed, **TASK_KNOBS)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def post_train(out: Path, init: Path, tok: Tokenizer, sft_steps: int = 600, grpo_minutes: float = 5.0,
+               seed: int = 0, eval_n: int = 200, progress: bool = True) -> dict[str, Any]:
+    """SFT on teacher traces from `init`, then GRPO for `grpo_minutes`; returns the accuracies and run paths."""
+    out = Path(out)
+    traces = write_traces(out / "traces.jsonl", 8000, seed)
+    data = out / "sft" / "data"
+    prepare_sft([traces], tok, data, seed=seed)
+    model = load_checkpoint(init)
+    gcfg = GRPOConfig(task="arithmetic", task_knobs=dict(TASK_KNOBS), steps=100_000, max_minutes=grpo_minutes,
+                      lr=2e-5, max_new_tokens=40, eval_every=25, ckpt_every=100, eval_n=eval_n, seed=seed)
+    before = GRPOTrainer(model, tok, gcfg, out / ".eval_before", progress=False).evaluate()
+    cfg = TrainConfig(**{**SFT_DEFAULTS, "lr": 1e-3, "steps": sft_steps, "seed": seed, "init_from": str(init),
+                         "eval_every": max(1, sft_steps // 4), "ckpt_every": sft_steps})
+    sft = Trainer(model.config, cfg, data, out / "sft", progress=progress)
+    sft.run()
+    grpo = GRPOTrainer(sft.model, tok, gcfg, out / "grpo", progress=progress)
+    records = grpo.run()
+    evals = [r for r in records if r["kind"] == "eval"]
+    train = [r for r in records if r["kind"] == "train"]
+    return {
+        "task": "arithmetic " + json.dumps(TASK_KNOBS), "heldout_n": evals[-1]["heldout_n"],
+        "accuracy_pretrained": before["heldout_accuracy"], "accuracy_sft": evals[0]["heldout_accuracy"],
+        "accuracy_grpo": evals[-1]["heldout_accuracy"], "sft_steps": sft_steps, "grpo_steps": grpo.step,
+        "grpo_seconds": round(sum(r["seconds"] for r in train), 1), "device": str(next(model.parameters()).device),
+        "torch": torch.__version__,
+    }

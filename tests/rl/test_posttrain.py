@@ -1,0 +1,39 @@
+"""The speedrun's post-training stage: the teacher program, then SFT -> GRPO end to end at micro scale."""
+
+import json
+
+import torch
+from conftest import tiny_config
+
+import nanoseek
+from nanoseek.data import stdlib_sources, train_tokenizer
+from nanoseek.rl.posttrain import TASK_KNOBS, post_train, teacher_trace, write_traces
+from nanoseek.rl.rewards import accuracy_reward, format_reward
+from nanoseek.rl.tasks import generate
+
+
+def test_teacher_traces_are_correct_and_well_formed(tmp_path):
+    for p in generate("arithmetic", 300, seed=3, **TASK_KNOBS):
+        trace = teacher_trace(p)
+        assert accuracy_reward("", trace, answer=p.answer) == 1.0 and format_reward("", trace) == 1.0
+    p = next(generate("arithmetic", 1, seed=0, **TASK_KNOBS))
+    toks = p.question.split()[1:]
+    assert teacher_trace(p).startswith(f"<think>{toks[0]} {toks[1]} {toks[2]} = ")
+    rows = [json.loads(x) for x in write_traces(tmp_path / "t.jsonl", 20, seed=1).read_text().splitlines()]
+    assert len(rows) == 20 and rows[0]["source"] == "teacher-program"
+    assert [m["role"] for m in rows[0]["messages"]] == ["user", "assistant"]
+
+
+def test_post_train_runs_sft_then_grpo(tmp_path):
+    texts = [p.read_text(errors="ignore") for p in stdlib_sources()[:40]]
+    tok = train_tokenizer(texts, vocab_size=300, show_progress=False)
+    torch.manual_seed(0)
+    init = tmp_path / "init"
+    nanoseek.save(nanoseek.load(tiny_config(vocab_size=tok.vocab_size, initializer_range=0.02)), init)
+    s = post_train(tmp_path / "post", init, tok, sft_steps=4, grpo_minutes=0.01, eval_n=16, progress=False)
+    assert s["heldout_n"] == 16 and s["sft_steps"] == 4 and s["grpo_steps"] >= 1
+    for k in ("accuracy_pretrained", "accuracy_sft", "accuracy_grpo"):
+        assert 0.0 <= s[k] <= 1.0
+    assert (tmp_path / "post" / "sft" / "checkpoints" / "step_00000004").is_dir()
+    assert (tmp_path / "post" / "grpo" / "grpo.png").stat().st_size > 1000
+    assert (tmp_path / "post" / "sft" / "data" / "train_mask.bin").is_file()
