@@ -108,12 +108,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     info = json.loads((data_dir / "data.json").read_text())
     if info.get("vocab_size") and info["vocab_size"] != model_cfg.vocab_size:
         model_cfg = model_cfg.replace(vocab_size=info["vocab_size"])
-    trainer = Trainer(model_cfg, train_cfg, data_dir, out, resume=args.resume)
+    return _train_and_report(Trainer(model_cfg, train_cfg, data_dir, out, resume=args.resume), out, "held-out loss")
+
+
+def _train_and_report(trainer, out: Path, loss_name: str) -> int:
     result = trainer.run()
     state = "interrupted" if result.interrupted else "done"
     held = f"{result.final_heldout_loss:.4f}" if result.final_heldout_loss is not None else "n/a"
-    print(f"{state}: {result.steps_done}/{train_cfg.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s, "
-          f"held-out loss {held}; metrics {out / 'metrics.jsonl'}, plots {out / 'loss.png'}")
+    print(f"{state}: {result.steps_done}/{trainer.cfg.steps} steps, {result.tokens:,} tokens in "
+          f"{result.seconds:.0f} s, {loss_name} {held}; metrics {out / 'metrics.jsonl'}, plots {out / 'loss.png'}, "
+          f"checkpoints {out / 'checkpoints'}")
     return 0
 
 
@@ -147,12 +151,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         trainer = Trainer(model_cfg, train_cfg, data_dir, out, resume=args.resume)
     except ValueError as e:
         raise SystemExit(f"nanoseek: {e}") from None
-    result = trainer.run()
-    state = "interrupted" if result.interrupted else "done"
-    held = f"{result.final_heldout_loss:.4f}" if result.final_heldout_loss is not None else "n/a"
-    print(f"{state}: {result.steps_done}/{train_cfg.steps} steps, held-out loss on assistant tokens {held}; "
-          f"checkpoints {out / 'checkpoints'}")
-    return 0
+    return _train_and_report(trainer, out, "held-out loss on assistant tokens")
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
