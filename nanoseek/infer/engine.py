@@ -12,6 +12,7 @@ chunk for the requests still reading their prompt and one decode forward for all
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -203,6 +204,18 @@ class Engine:
             self.step()
         return reqs
 
+    def generate_groups(self, prompts: Sequence[Sequence[int]], k: int, params: SamplingParams,
+                        seed: int | None = None) -> list[list[Request]]:
+        """k samples of every prompt, all batched together (e.g. GRPO groups, rejection sampling); sample j of
+        prompt i is seeded `seed * 1_000_003 + i * k + j` (reproducible), or left unseeded when seed is None."""
+        def seeded(i: int, j: int) -> SamplingParams:
+            return dataclasses.replace(params, seed=None if seed is None else seed * 1_000_003 + i * k + j)
+
+        reqs = [[self.submit(p, seeded(i, j)) for j in range(k)] for i, p in enumerate(prompts)]
+        while not all(r.finished for row in reqs for r in row):
+            self.step()
+        return reqs
+
     def stream(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Iterator[int]:
         """Generate one prompt, yielding token ids as they are accepted (stop tokens excluded)."""
         req = self.submit(prompt, params)
@@ -306,10 +319,22 @@ class Engine:
             pos[r, :n] = torch.arange(st, st + n)
         return CacheBatch(slots, pos.to(self.device), max(st + n for st, n in zip(starts, lengths, strict=True)))
 
-    def _layers(self, h: torch.Tensor, batch: CacheBatch, blocks: list, first_layer: int) -> torch.Tensor:
+    def _rope_mask(self, batch: CacheBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos/sin at each token's position and the mask [b,1,S,T]: key t is visible to a token at position p
+        iff t <= p (the slot's own earlier tokens; padding at the scratch position sees everything)."""
         pos = batch.positions
-        cos, sin = self.cos[pos], self.sin[pos]
-        mask = (torch.arange(batch.T, device=self.device)[None, None, None, :] <= pos[:, None, :, None])
+        mask = torch.arange(batch.T, device=self.device)[None, None, None, :] <= pos[:, None, :, None]
+        return self.cos[pos], self.sin[pos], mask
+
+    def _embed(self, inputs: list[list[int]]) -> torch.Tensor:
+        """Token embeddings [b, max len, H] of right-padded rows."""
+        ids = torch.zeros(len(inputs), max(len(t) for t in inputs), dtype=torch.long)
+        for r, t in enumerate(inputs):
+            ids[r, : len(t)] = torch.tensor(t)
+        return self.model.model.embed_tokens(ids.to(self.device))
+
+    def _layers(self, h: torch.Tensor, batch: CacheBatch, blocks: list, first_layer: int) -> torch.Tensor:
+        cos, sin, mask = self._rope_mask(batch)
         for k, block in enumerate(blocks):
             h, _ = block(h, cos, sin, mask, cache=self.cache.view(first_layer + k, batch))
         return h
@@ -317,13 +342,8 @@ class Engine:
     def _main(self, slots: list[int], inputs: list[list[int]]) -> torch.Tensor:
         """Run the main model on new tokens per slot (positions from each slot's length); returns the hidden
         states before the final norm [b, S, H] (padding rows hold garbage)."""
-        lengths = [len(t) for t in inputs]
-        batch = self._batch(slots, [self.slots[i].length for i in slots], lengths)  # type: ignore[union-attr]
-        ids = torch.zeros(len(slots), max(lengths), dtype=torch.long)
-        for r, t in enumerate(inputs):
-            ids[r, : len(t)] = torch.tensor(t)
-        h = self.model.model.embed_tokens(ids.to(self.device))
-        return self._layers(h, batch, list(self.model.model.layers), 0)
+        batch = self._batch(slots, [self.slots[i].length for i in slots], [len(t) for t in inputs])  # type: ignore[union-attr]
+        return self._layers(self._embed(inputs), batch, list(self.model.model.layers), 0)
 
     def _static_decode(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token for every slot (ids/pos [max_batch, 1]; idle slots write to the scratch position)."""
@@ -396,17 +416,11 @@ class Engine:
         nxt = [s.tokens[s.mtp_length + 1 : s.length + 1] for s in slots]
         lengths = [len(t) for t in nxt]
         batch = self._batch(rows, [s.mtp_length for s in slots], lengths)
-        S = max(lengths)
-        h_prev = torch.zeros(len(rows), S, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
-        ids = torch.zeros(len(rows), S, dtype=torch.long)
-        for r, (hh, t) in enumerate(zip(hs, nxt, strict=True)):
-            h_prev[r, : len(t)] = hh
-            ids[r, : len(t)] = torch.tensor(t)
+        h_prev = torch.zeros(len(rows), max(lengths), self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        for r, hh in enumerate(hs):
+            h_prev[r, : len(hh)] = hh
         module = self.model.mtp[0]
-        emb = self.model.model.embed_tokens(ids.to(self.device))
-        pos = batch.positions
-        mask = torch.arange(batch.T, device=self.device)[None, None, None, :] <= pos[:, None, :, None]
-        h, _ = module(h_prev, emb, self.cos[pos], self.sin[pos], mask,
+        h, _ = module(h_prev, self._embed(nxt), *self._rope_mask(batch),
                       cache=self.cache.view(self.cfg.num_hidden_layers, batch))
         last = torch.stack([h[r, n - 1] for r, n in enumerate(lengths)])
         logits = self.model.lm_head(module.shared_head.norm(last)).float()

@@ -42,13 +42,9 @@ class EngineTeacher:
         from ..infer.chat import encode_chat
         from ..infer.engine import SamplingParams
 
-        reqs = [[self.engine.submit(encode_chat([{"role": "user", "content": q}], self.tok),
-                                    SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
-                                                   seed=seed * 1_000_003 + i * k + j))
-                 for j in range(k)] for i, q in enumerate(questions)]
-        while self.engine.has_work():
-            self.engine.step()
-        return [[r.text for r in row] for row in reqs]
+        prompts = [encode_chat([{"role": "user", "content": q}], self.tok) for q in questions]
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature)
+        return [[r.text for r in group] for group in self.engine.generate_groups(prompts, k, params, seed)]
 
 
 class EndpointTeacher:

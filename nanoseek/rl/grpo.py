@@ -147,18 +147,9 @@ class GRPOTrainer:
     def rollout(self, problems: list[Problem], n: int, params: SamplingParams, seed: int | None) -> list[list]:
         """n completions per problem: [(prompt ids, completion ids incl. a final EOS if it stopped, text)]."""
         prompts = [problem_prompt(p, self.tok, self.cfg.template) for p in problems]
-        reqs = []
-        for i, pr in enumerate(prompts):
-            for j in range(n):
-                sp = dataclasses.replace(params, seed=None if seed is None else seed * 1_000_003 + i * n + j)
-                reqs.append(self.engine.submit(pr, sp))
-        while self.engine.has_work():
-            self.engine.step()
-        out = []
-        for k, r in enumerate(reqs):
-            comp = list(r.output_ids) + ([self.tok.eos_id] if r.finish_reason == "stop" else [])
-            out.append((prompts[k // n], comp, r.text))
-        return out
+        groups = self.engine.generate_groups(prompts, n, params, seed)
+        return [(prompt, list(r.output_ids) + ([self.tok.eos_id] if r.finish_reason == "stop" else []), r.text)
+                for prompt, group in zip(prompts, groups, strict=True) for r in group]
 
     def token_logp(self, model: Transformer, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, ...]:
         """log pi(completion token) [N, Lc], entropy [N, Lc] and mask [N, Lc] (right-padded)."""
