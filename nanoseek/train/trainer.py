@@ -71,26 +71,19 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         resumed = load_latest(self.ckpt_root, device=self.device) if resume else None
         torch.manual_seed(cfg.seed)
-        if resumed is None and cfg.init_from:
-            self.model = load_checkpoint(cfg.init_from, torch.float32, self.device).train()
-            if self.model.config.to_dict() != model_cfg.to_dict():
-                raise ValueError(f"{cfg.init_from}: its model config differs from the requested one")
-            if cfg.fp8:
-                convert_to_fp8(self.model, cfg.fp8_pow2_scale)
-            self.optimizer = build_optimizer(self.model, cfg)
-        elif resumed is None:
-            self.model: Transformer = build(model_cfg, torch.float32, self.device)
-            if cfg.fp8:
-                convert_to_fp8(self.model, cfg.fp8_pow2_scale)
-            self.optimizer = build_optimizer(self.model, cfg)
+        if resumed is not None:
+            path, model, opt_tensors, state, rng = resumed
+        elif cfg.init_from:  # fine-tuning: the weights of another run, fresh optimizer and data position
+            path, model = Path(cfg.init_from), load_checkpoint(cfg.init_from, torch.float32, self.device)
         else:
-            path, self.model, opt_tensors, state, rng = resumed
-            if self.model.config.to_dict() != model_cfg.to_dict():
-                raise ValueError(f"{path}: checkpoint model config differs from the requested one")
-            self.model.train()
-            if cfg.fp8:
-                convert_to_fp8(self.model, cfg.fp8_pow2_scale)
-            self.optimizer = build_optimizer(self.model, cfg)
+            path, model = None, build(model_cfg, torch.float32, self.device)
+        if path is not None and model.config.to_dict() != model_cfg.to_dict():
+            raise ValueError(f"{path}: checkpoint model config differs from the requested one")
+        self.model: Transformer = model.train()
+        if cfg.fp8:
+            convert_to_fp8(self.model, cfg.fp8_pow2_scale)
+        self.optimizer = build_optimizer(self.model, cfg)
+        if resumed is not None:
             restore_optimizer(self.optimizer, opt_tensors, state["optimizer"])
             self.loader.load_state_dict(state["data"])
             self.step = state["step"]
