@@ -154,13 +154,25 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return _train_and_report(trainer, out, "held-out loss on assistant tokens")
 
 
+def _key_values(items: list[str] | None, flag: str) -> dict:
+    """KEY=VALUE options (task knobs, GRPO settings), values parsed as `--set` parses them."""
+    from .train.config import parse_value
+
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"nanoseek: {flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
 def cmd_grpo(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .infer.commands import load_tokenizer, resolve_checkpoint
     from .io import load_checkpoint
     from .rl.grpo import GRPOConfig, GRPOTrainer
-    from .train.config import parse_value
 
     init = resolve_checkpoint(args.init)
     tok = load_tokenizer(init, args.tokenizer)
@@ -169,12 +181,11 @@ def cmd_grpo(args: argparse.Namespace) -> int:
         kw["steps"] = args.steps
     fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     try:
-        kw["task_knobs"] = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.knob or [])}
-        for item in args.set or []:
-            key, _, value = item.partition("=")
+        kw["task_knobs"] = _key_values(args.knob, "--knob")
+        for key, value in _key_values(args.set, "--set").items():
             if key not in fields:
                 raise ValueError(f"unknown GRPO setting {key!r}; known: {', '.join(sorted(fields))}")
-            kw[key] = parse_value(value)
+            kw[key] = value
         cfg = GRPOConfig(**kw)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"nanoseek: {e}") from None
@@ -195,13 +206,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .io import load_checkpoint
     from .rl.distill import EndpointTeacher, EngineTeacher, distill
     from .rl.tasks import generate, load_jsonl
-    from .train.config import parse_value
 
     out = Path(args.out)
     if args.problems:
         problems = load_jsonl(args.problems, limit=args.n)
     else:
-        knobs = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.knob or [])}
+        knobs = _key_values(args.knob, "--knob")
         problems = list(itertools.islice(generate(args.task, seed=args.seed, **knobs), args.n))
     if args.teacher.startswith(("http://", "https://")):
         if not args.teacher_model:

@@ -12,6 +12,7 @@ from .corpus import (
     decode_counting,
     is_heldout,
     iter_documents,
+    iter_jsonl,
     iter_keyed_documents,
     split_heldout,
     stdlib_root,
@@ -26,6 +27,6 @@ from .tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 __all__ = [
     "HEADER_SIZE", "MAGIC", "SPECIAL_TOKENS", "CorpusStats", "PackedBatches", "ShardError", "ShardHeader",
     "ShardWriter", "TokenShard", "Tokenizer", "apply_fim", "decode_counting", "fim_split", "heldout_batches",
-    "is_heldout", "iter_documents", "iter_keyed_documents", "prepare_corpus", "read_header", "split_heldout",
-    "stdlib_root", "stdlib_sources", "tokenize_documents", "train_tokenizer", "write_shard",
+    "is_heldout", "iter_documents", "iter_jsonl", "iter_keyed_documents", "prepare_corpus", "read_header",
+    "split_heldout", "stdlib_root", "stdlib_sources", "tokenize_documents", "train_tokenizer", "write_shard",
 ]

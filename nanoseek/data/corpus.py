@@ -8,6 +8,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Files picked up when a folder is given (explicitly named files are always read, whatever their extension).
 TEXT_EXTENSIONS = frozenset({
@@ -121,6 +122,19 @@ def _expand(source: str | Path) -> Iterator[tuple[Path, str]]:
 def source_files(sources: list[str | Path]) -> list[tuple[Path, str]]:
     """Every (file, key) the sources expand to, in reading order."""
     return [fk for s in sources for fk in _expand(s)]
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-empty line of a UTF-8 JSONL file; ValueError naming the file and
+    line for one that is not JSON."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
 
 
 def _jsonl_records(path: Path, key: str, stats: CorpusStats, text_field: str) -> Iterator[tuple[str, str]]:

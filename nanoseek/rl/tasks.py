@@ -14,7 +14,7 @@ and the knobs.
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import random
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +23,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
+from ..data import iter_jsonl
 from .rewards import find_boxed
 
 HELDOUT_FRACTION = 1 / 16
@@ -219,14 +220,8 @@ def heldout_set(task: str, n: int, seed: int = HELDOUT_SEED, **knobs: Any) -> li
 
 # ------------------------------------------------------------------------------------------------------- loaders
 def _read_jsonl(path: str | Path, limit: int | None) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        i = 0
-        for line in f:
-            if limit is not None and i >= limit:
-                return
-            if line.strip():
-                yield i, json.loads(line)
-                i += 1
+    """(row index, row) of the first `limit` rows (all when None)."""
+    return itertools.islice(enumerate(row for _, row in iter_jsonl(path)), limit)
 
 
 def _clean_number(s: str) -> str:

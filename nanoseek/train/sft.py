@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..data import Tokenizer
+from ..data import Tokenizer, iter_jsonl
 from ..data.shards import write_shard
 from ..infer.chat import encode_chat
 
@@ -36,19 +36,17 @@ class SFTDataError(ValueError):
 def read_chat_jsonl(path: str | Path) -> list[list[dict[str, Any]]]:
     """The `messages` of every line; SFTDataError naming file and line for bad JSON or a bad message list."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SFTDataError(f"{path}:{n}: not JSON ({e.msg})") from None
+    try:
+        for n, row in iter_jsonl(path):
             msgs = row.get("messages") if isinstance(row, dict) else None
             if not isinstance(msgs, list) or not any(
                     isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
                 raise SFTDataError(f"{path}:{n}: needs a 'messages' list with at least one assistant turn")
             out.append(msgs)
+    except SFTDataError:
+        raise
+    except ValueError as e:  # a line that is not JSON
+        raise SFTDataError(str(e)) from None
     return out
 
 
