@@ -32,13 +32,13 @@ from nanoseek.infer.cache import kv_values_per_token
 from nanoseek.infer.engine import Engine, SamplingParams
 
 
-def hf_model(path: str):
+def hf_model(path: str, dtype: torch.dtype = torch.float32):
     import transformers
 
     transformers.logging.set_verbosity_error()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+        m = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype)
     return m.eval()
 
 
@@ -80,7 +80,9 @@ def bench_preset(name: str, args) -> dict:
     cfg = model.config
     tmp = tempfile.mkdtemp()
     nanoseek.save(model, tmp)
-    hf = hf_model(tmp)
+    dtype = getattr(torch, args.dtype)
+    model = model.to(dtype)
+    hf = hf_model(tmp, dtype)
     res: dict = {"preset": name, "params": sum(p.numel() for p in model.parameters())}
     max_len = args.prompt_len + args.new_tokens + 8
     for bs in args.batch:
@@ -112,7 +114,7 @@ def bench_preset(name: str, args) -> dict:
         res[f"batch{bs}"] = entry
     L = cfg.num_hidden_layers
     for mode in args.cache:
-        res[f"kv_bytes_per_token_{mode}"] = kv_values_per_token(cfg, mode == "latent") * 4 * L
+        res[f"kv_bytes_per_token_{mode}"] = kv_values_per_token(cfg, mode == "latent") * dtype.itemsize * L
     v3 = nanoseek.preset("v3")
     res["v3_values_per_token_per_layer"] = {"latent": kv_values_per_token(v3, True),
                                             "naive": kv_values_per_token(v3, False)}
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="weights and compute of both sides (bfloat16: half the bytes per decoded token)")
     ap.add_argument("--compile", action="store_true", help="also measure Engine(compile=True)")
     ap.add_argument("--spec-checkpoint", help="trained checkpoint for the speculative-decoding measurement")
     ap.add_argument("--spec-tokenizer", help="its tokenizer.json (default: inside the checkpoint)")
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {bs} | {label} | {v['decode_tok_s']:.1f} | {sp} | {v['ttft_ms']:.1f} | {same} |")
         kv = {m: r[f"kv_bytes_per_token_{m}"] for m in args.cache}
         hf_kv = r[f"batch{args.batch[0]}"]["hf"]["kv_bytes_per_token"]
-        print(f"KV bytes/token (all layers, fp32): {kv} ; transformers DynamicCache: {hf_kv:.0f}")
+        print(f"KV bytes/token (all layers, {args.dtype}): {kv} ; transformers DynamicCache: {hf_kv:.0f}")
         v3 = r["v3_values_per_token_per_layer"]
         print(f"V3 head dims: latent {v3['latent']} vs naive {v3['naive']} values/token/layer "
               f"= {v3['naive'] / v3['latent']:.1f}x smaller")

@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:
 IMPLS = {
     "ours": "nanoseek",  # the trainer's call: chunked linear CE (return_logits=False) where the model has it
     "ours-logits": "nanoseek (full logits)",  # model(x, labels=y): logits materialised, as transformers does
+    "ours-fp8": "nanoseek FP8",  # the trainer's call with convert_to_fp8: FP8 GEMMs (emulated on the CPU)
     "hf": "transformers",
     "hf-eager": "transformers (eager experts)",
 }
@@ -232,7 +233,11 @@ def make_model(impl: str, cfg, weights: str):
 
         model = Transformer(cfg)
         model.load_state_dict(sd, strict=True)
-        info["return_logits"] = not (impl == "ours" and _has_return_logits(model))
+        if impl == "ours-fp8":
+            from nanoseek.fp8 import convert_to_fp8
+
+            convert_to_fp8(model)
+        info["return_logits"] = not (impl in ("ours", "ours-fp8") and _has_return_logits(model))
     else:
         import transformers
 
@@ -255,13 +260,30 @@ def _has_return_logits(model) -> bool:
     return "return_logits" in inspect.signature(model.forward).parameters
 
 
-def forward_fn(impl: str, model, x, y):
-    """A closure doing one forward with the loss and returning the model output."""
-    if impl == "ours" and _has_return_logits(model):
-        return lambda: model(x, labels=y, return_logits=False)  # as nanoseek.train does
-    if impl.startswith("ours"):
-        return lambda: model(x, labels=y)
-    return lambda: model(input_ids=x, labels=y, shift_labels=y, use_cache=False)
+def forward_fn(impl: str, model, x, y, autocast: str = "none"):
+    """A closure doing one forward with the loss and returning the model output; `autocast` bf16 runs it under
+    torch.autocast (bf16 GEMMs, fp32 master weights), as training on a GPU does."""
+    import contextlib
+
+    import torch
+
+    def ctx():
+        if autocast == "bf16":
+            return torch.autocast(x.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    if impl in ("ours", "ours-fp8") and _has_return_logits(model):
+        call = lambda: model(x, labels=y, return_logits=False)  # noqa: E731  (as nanoseek.train does)
+    elif impl.startswith("ours"):
+        call = lambda: model(x, labels=y)  # noqa: E731
+    else:
+        call = lambda: model(input_ids=x, labels=y, shift_labels=y, use_cache=False)  # noqa: E731
+
+    def forward():
+        with ctx():
+            return call()
+
+    return forward
 
 
 def step_fn(forward):
@@ -320,7 +342,7 @@ def run_worker(args) -> dict:
     g = torch.Generator().manual_seed(args.seed + 1)
     tok = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
     x, y = tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
-    forward = forward_fn(impl, model, x, y)
+    forward = forward_fn(impl, model, x, y, args.autocast)
     step = step_fn(forward)
 
     gc.collect()
@@ -447,6 +469,8 @@ def spawn(impl: str, args, weights: str) -> dict:
         str(args.seed),
         "--loss",
         args.loss,
+        "--autocast",
+        args.autocast,
         "--sample-ms",
         str(args.sample_ms),
     ]
@@ -560,7 +584,8 @@ def print_report(machine: dict, args, summary: dict, runs: list[dict], flops: di
             f"experts_implementation={hf.get('experts_implementation')}"
         )
     print(
-        f"- preset {args.preset} (MTP off), {runs[0]['params'] / 1e6:.1f}M params, fp32, "
+        f"- preset {args.preset} (MTP off), {runs[0]['params'] / 1e6:.1f}M params, "
+        f"{'bf16 autocast' if args.autocast == 'bf16' else 'fp32'}, "
         f"batch {args.batch} x seq {args.seq} = {args.batch * args.seq} tokens/step, "
         f"{args.warmup} warmup + {args.steps} timed steps x {args.rounds} round(s), loss={args.loss}"
     )
@@ -708,6 +733,12 @@ def parse_args(argv=None):
         choices=("total", "main"),
         default="total",
         help="ours: backprop main CE + balance loss (total, as in training) or the CE alone (main)",
+    )
+    p.add_argument(
+        "--autocast",
+        choices=("none", "bf16"),
+        default="none",
+        help="bf16: every implementation's forward under torch.autocast(bfloat16) (fast on CPUs with AVX512-BF16)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-ms", type=float, default=2.0, help="RSS sampling interval")

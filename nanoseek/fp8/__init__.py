@@ -1,8 +1,9 @@
 """FP8 (E4M3) fine-grained quantisation: 1x128 activation tiles, 128x128 weight blocks, FP8 GEMMs."""
 
 from .convert import convert_to_fp8, count_fp8_gemms
+from .gemm import BACKENDS, resolve_backend, scaled_gemm
 from .grouped import fp8_grouped_linear
-from .linear import Fp8Linear, fp8_gemm, fp8_linear
+from .linear import Fp8Linear, fp8_linear
 from .quant import (
     BLOCK,
     FP8_MAX,
@@ -13,7 +14,7 @@ from .quant import (
 )
 
 __all__ = [
-    "BLOCK", "FP8_MAX", "Fp8Linear", "convert_to_fp8", "count_fp8_gemms", "dequantize_tiles",
-    "dequantize_weight_block", "fp8_gemm", "fp8_grouped_linear", "fp8_linear", "quantize_tiles",
-    "quantize_weight_block",
+    "BACKENDS", "BLOCK", "FP8_MAX", "Fp8Linear", "convert_to_fp8", "count_fp8_gemms", "dequantize_tiles",
+    "dequantize_weight_block", "fp8_grouped_linear", "fp8_linear", "quantize_tiles",
+    "quantize_weight_block", "resolve_backend", "scaled_gemm",
 ]

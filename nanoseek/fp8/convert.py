@@ -7,16 +7,18 @@ from __future__ import annotations
 from torch import nn
 
 from ..model import MLA, MLP, Experts, Transformer
+from .gemm import Backend
 from .linear import Fp8Linear
 
 
-def convert_to_fp8(model: Transformer, pow2_scale: bool = False) -> Transformer:
-    """In place: Linear layers of MLA and MLP/shared experts become Fp8Linear; routed experts run FP8 GEMMs."""
+def convert_to_fp8(model: Transformer, pow2_scale: bool = False, backend: Backend = "auto") -> Transformer:
+    """In place: Linear layers of MLA and MLP/shared experts become Fp8Linear (their GEMMs on `backend`, see
+    `gemm.scaled_gemm`); routed experts run FP8 GEMMs (emulated: dequantised tiles through the grouped GEMM)."""
     for module in list(model.modules()):
         if isinstance(module, (MLA, MLP)):
             for name, child in list(module.named_children()):
                 if type(child) is nn.Linear:
-                    setattr(module, name, Fp8Linear.from_linear(child, pow2_scale))
+                    setattr(module, name, Fp8Linear.from_linear(child, pow2_scale, backend))
         elif isinstance(module, Experts):
             module.fp8 = True
             module.fp8_pow2_scale = pow2_scale

@@ -173,7 +173,9 @@ class Engine:
         self.stats = EngineStats()
         # compile: plain decode steps run a torch.compile'd forward of fixed shape (all max_batch slots, one token,
         # attention over the whole cache), gpt-fast style; the first steps pay the compilation
-        self._compiled = torch.compile(self._static_decode, dynamic=False) if compile else None
+        # (with the final norm and the head inside the graph; cpp_wrapper drops the Python launcher on the CPU)
+        opts = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+        self._compiled = torch.compile(self._static_decode, dynamic=False, options=opts) if compile else None
 
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
@@ -345,22 +347,28 @@ class Engine:
         batch = self._batch(slots, [self.slots[i].length for i in slots], [len(t) for t in inputs])  # type: ignore[union-attr]
         return self._layers(self._embed(inputs), batch, list(self.model.model.layers), 0)
 
-    def _static_decode(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One token for every slot (ids/pos [max_batch, 1]; idle slots write to the scratch position)."""
+    def _static_decode(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for every slot (ids/pos [max_batch, 1]; idle slots write to the scratch position): hidden
+        states and logits."""
         batch = CacheBatch(list(range(self.max_batch)), pos, self.max_len + 1)
         h = self.model.model.embed_tokens(ids)
-        return self._layers(h, batch, list(self.model.model.layers), 0)
+        h = self._layers(h, batch, list(self.model.model.layers), 0)
+        return h, self._logits(h)
 
-    def _decode_hidden(self, rows: list[int], inputs: list[list[int]]) -> torch.Tensor:
+    def _decode_forward(self, rows: list[int], inputs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [b, S, H] and logits [b, S, V] of a decode step (S = 1, or 2 with a draft)."""
         if self._compiled is None or any(len(t) > 1 for t in inputs):
-            return self._main(rows, inputs)
+            h = self._main(rows, inputs)
+            return h, self._logits(h[:, : max(len(t) for t in inputs)])
         ids = torch.zeros(self.max_batch, 1, dtype=torch.long)
         pos = torch.full((self.max_batch, 1), self.max_len, dtype=torch.long)
         for r, t in zip(rows, inputs, strict=True):
             ids[r, 0] = t[0]
             pos[r, 0] = self.slots[r].length  # type: ignore[union-attr]
-        h = self._compiled(ids.to(self.device), pos.to(self.device))
-        return h[rows]
+        h, logits = self._compiled(ids.to(self.device), pos.to(self.device))
+        if len(rows) == self.max_batch and rows == list(range(self.max_batch)):
+            return h, logits
+        return h[rows], logits[rows]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(h)).float()
@@ -388,9 +396,8 @@ class Engine:
         slots: list[_Slot] = [self.slots[i] for i in rows]  # type: ignore[misc]
         drafts = self._draft(rows) if self.speculative else [None] * len(rows)
         inputs = [[s.tokens[s.length]] + ([d] if d is not None else []) for s, d in zip(slots, drafts, strict=True)]
-        h = self._decode_hidden(rows, inputs)
+        h, logits = self._decode_forward(rows, inputs)
         self.stats.decode_forwards += 1
-        logits = self._logits(h[:, : max(len(t) for t in inputs)])
         for r, (s, d) in enumerate(zip(slots, drafts, strict=True)):
             y0 = self._sample(s, logits[r, 0])
             new = [y0]

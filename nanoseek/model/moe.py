@@ -145,6 +145,17 @@ class Experts(nn.Module):
         return grouped_linear(F.silu(gate) * up, self.down_proj, counts, offs)
 
 
+GATHER_LIMIT = 1 << 22  # gathered-expert path while the copied weights stay under 4M values (16 MiB fp32)
+
+
+def gathered_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """sum_k weights[t,k] * Expert_idx[t,k](x_t) by indexing each token's experts' weights: for the few tokens of
+    a decode step, cheaper than sorting and a grouped GEMM over mostly empty groups (gpt-fast's MoE decode)."""
+    gate, up = torch.einsum("th,tkoh->tko", x, experts.gate_up_proj[idx]).chunk(2, dim=-1)
+    y = torch.einsum("tki,tkhi->tkh", F.silu(gate) * up, experts.down_proj[idx])
+    return torch.einsum("tk,tkh->th", weights.to(y.dtype), y)
+
+
 def dispatch_combine(
     x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
     expert_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -184,13 +195,22 @@ class MoE(nn.Module):
         B, S, H = x.shape
         xf = x.reshape(-1, H)
         w, idx, s = self.gate(xf)
-        y = dispatch_combine(xf, idx, w, self.n_experts, self.experts)
+        if self._gather_ok(idx):
+            y = gathered_experts(xf, idx, w, self.experts)
+        else:
+            y = dispatch_combine(xf, idx, w, self.n_experts, self.experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xf)
         with torch.no_grad():
             load = torch.zeros(B, self.n_experts, device=x.device, dtype=torch.float32)
             load.scatter_add_(1, idx.view(B, S * self.top_k), torch.ones(B, S * self.top_k, device=x.device))
         return y.view(B, S, H), MoEStats(load, self.balance_loss(s.view(B, S, -1)))
+
+    def _gather_ok(self, idx: torch.Tensor) -> bool:
+        """Inference on few tokens (decode) with plain high-precision experts."""
+        e = self.experts
+        return (not torch.is_grad_enabled() and type(e) is Experts and not e.fp8
+                and idx.numel() * e.gate_up_proj[0].numel() * 3 // 2 <= GATHER_LIMIT)
 
     def balance_loss(self, s: torch.Tensor) -> torch.Tensor:
         """Complementary sequence-wise loss: alpha * sum_i f_i P_i per sequence, mean over sequences.

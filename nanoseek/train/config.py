@@ -56,6 +56,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     fp8: bool = False  # FP8 GEMMs (attention projections, MLPs, experts) with fine-grained scales (SPEC §3)
     fp8_pow2_scale: bool = False  # round FP8 scales up to powers of two (ue8m0)
+    fp8_backend: str = "auto"  # auto | emulate | rowwise | blockwise (nanoseek.fp8.gemm): how FP8 GEMMs run
     init_from: str | None = None  # start from this checkpoint's weights (fine-tuning: SFT) instead of random init
 
     def __post_init__(self) -> None:
@@ -78,6 +79,8 @@ class TrainConfig:
             raise ConfigError(f"schedule fractions must increase within [0, 1]: {fr}")
         if self.micro_batch_size > self.batch_size:
             raise ConfigError(f"micro_batch_size ({self.micro_batch_size}) > batch_size ({self.batch_size})")
+        if self.fp8_backend not in ("auto", "emulate", "rowwise", "blockwise"):
+            raise ConfigError(f"fp8_backend must be auto, emulate, rowwise or blockwise, got {self.fp8_backend!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -81,7 +81,7 @@ class Trainer:
             raise ValueError(f"{path}: checkpoint model config differs from the requested one")
         self.model: Transformer = model.train()
         if cfg.fp8:
-            convert_to_fp8(self.model, cfg.fp8_pow2_scale)
+            convert_to_fp8(self.model, cfg.fp8_pow2_scale, cfg.fp8_backend)  # type: ignore[arg-type]
         self.optimizer = build_optimizer(self.model, cfg)
         if resumed is not None:
             restore_optimizer(self.optimizer, opt_tensors, state["optimizer"])

@@ -63,7 +63,8 @@ def test_sigmoid_scores_in_fp32():
     torch.testing.assert_close(s, torch.sigmoid(x.float() @ g.weight.float().T))
 
 
-def test_moe_matches_per_token_reference():
+@pytest.mark.parametrize("grad", [True, False])  # sort + grouped GEMM (training) / gathered weights (decode)
+def test_moe_matches_per_token_reference(grad):
     cfg = tiny_config()
     moe = MoE(cfg)
     torch.nn.init.normal_(moe.gate.weight, std=0.5)
@@ -73,9 +74,14 @@ def test_moe_matches_per_token_reference():
         torch.nn.init.normal_(p, std=0.1)
     moe.gate.e_score_correction_bias.normal_(0, 0.3)
     x = torch.randn(2, 9, cfg.hidden_size)
-    y, stats = moe(x)
+    with torch.set_grad_enabled(grad):
+        y, stats = moe(x)
     xf = x.view(-1, cfg.hidden_size)
     w, idx, _ = moe.gate(xf)
+    with torch.set_grad_enabled(grad):
+        assert moe._gather_ok(idx) is not grad
+    with torch.no_grad():
+        assert not moe._gather_ok(idx.repeat(10_000, 1))  # many tokens: always the grouped GEMM
     ref = moe.shared_experts(xf)
     inter = cfg.moe_intermediate_size
     for t in range(xf.shape[0]):
