@@ -12,9 +12,10 @@ from .quant import (
     quantize_tiles,
     quantize_weight_block,
 )
+from .swiglu import fp8_swiglu
 
 __all__ = [
     "BACKENDS", "BLOCK", "FP8_MAX", "Fp8Linear", "convert_to_fp8", "count_fp8_gemms", "dequantize_tiles",
-    "dequantize_weight_block", "fp8_grouped_linear", "fp8_linear", "quantize_tiles",
+    "dequantize_weight_block", "fp8_grouped_linear", "fp8_linear", "fp8_swiglu", "quantize_tiles",
     "quantize_weight_block", "resolve_backend", "scaled_gemm",
 ]

@@ -24,30 +24,35 @@ def _qdq_experts(w: torch.Tensor, pow2: bool) -> torch.Tensor:
 
 
 class _Fp8GroupedFn(torch.autograd.Function):
+    """The dequantised operands go through the grouped GEMM in x's dtype (fp32 on the CPU, bf16 on CUDA, where
+    FP8 values times their scale round once to bf16)."""
+
     @staticmethod
     def forward(ctx, x, w, offs, pow2):  # type: ignore[override]
         xq, xs = quantize_tiles(x, pow2_scale=pow2)
-        wd = _qdq_experts(w, pow2)
+        dt = x.dtype
+        wd = _qdq_experts(w, pow2).to(dt)
         ctx.save_for_backward(xq, xs, w, offs)
-        ctx.pow2 = pow2
-        return torch._grouped_mm(dequantize_tiles(xq, xs), wd.transpose(1, 2), offs=offs)
+        ctx.pow2, ctx.dt = pow2, dt
+        return torch._grouped_mm(dequantize_tiles(xq, xs).to(dt), wd.transpose(1, 2), offs=offs)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         xq, xs, w, offs = ctx.saved_tensors
         dy = dy.contiguous()
-        pow2 = ctx.pow2
-        wd = _qdq_experts(w, pow2)
+        pow2, dt = ctx.pow2, ctx.dt
+        wd = _qdq_experts(w, pow2).to(dt)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = torch._grouped_mm(fake_quantize_tiles(dy, pow2_scale=pow2), wd, offs=offs)
+            dx = torch._grouped_mm(fake_quantize_tiles(dy, pow2_scale=pow2).to(dt), wd, offs=offs)
         if ctx.needs_input_grad[1]:
             dy_t = fake_quantize_tiles(dy.T.contiguous(), pow2_scale=pow2).T  # tiles of 128 tokens per output channel
             x_t = fake_quantize_tiles(dequantize_tiles(xq, xs).T.contiguous(), pow2_scale=pow2).T
             with torch.enable_grad():
                 wv = wd.detach().requires_grad_()
-                y = torch._grouped_mm(x_t.contiguous(), wv.transpose(1, 2), offs=offs)
-                (dw,) = torch.autograd.grad(y, wv, grad_outputs=dy_t.contiguous())
+                y = torch._grouped_mm(x_t.to(dt).contiguous(), wv.transpose(1, 2), offs=offs)
+                (dw,) = torch.autograd.grad(y, wv, grad_outputs=dy_t.to(dt).contiguous())
+            dw = dw.to(w.dtype)
         return dx, dw, None, None
 
 

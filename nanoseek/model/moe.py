@@ -15,6 +15,11 @@ from torch import nn
 from .config import ModelConfig
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x), with checkpoint names gate/up/down_proj."""
 
@@ -23,9 +28,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
         self.up_proj = nn.Linear(dim, inter_dim, bias=False)
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+        self.act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = swiglu  # FP8 training swaps in fp8_swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
 class Gate(nn.Module):
@@ -110,8 +116,19 @@ def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[1])
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's on CUDA (bf16 tensor cores; the fp32 residual stream and
+    master weights are cast as autocast casts a Linear's), else x's own."""
+    dev = x.device.type
+    if dev == "cuda" and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by expert; rows of group e are multiplied by w[e]^T.  x [N, in], w [E, out, in]."""
+    dt = compute_dtype(x)
+    x, w = x.to(dt), w.to(dt)
     if _grouped_mm_ok(x):
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # compiled inference (Engine)
             return _grouped_mm_op(x, w, offs)
@@ -136,11 +153,14 @@ class Experts(nn.Module):
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted: tokens grouped by expert (counts[e] rows for expert e, in order)."""
         offs = counts.cumsum(0).to(torch.int32)
+        x_sorted = x_sorted.to(compute_dtype(x_sorted))
         if self.fp8 and _grouped_mm_ok(x_sorted):
             from ..fp8.grouped import fp8_grouped_linear
+            from ..fp8.swiglu import fp8_swiglu
 
-            gate, up = fp8_grouped_linear(x_sorted, self.gate_up_proj, offs, self.fp8_pow2_scale).chunk(2, dim=-1)
-            return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, offs, self.fp8_pow2_scale)
+            pow2 = self.fp8_pow2_scale
+            gate, up = fp8_grouped_linear(x_sorted, self.gate_up_proj, offs, pow2).chunk(2, dim=-1)
+            return fp8_grouped_linear(fp8_swiglu(gate, up, pow2), self.down_proj, offs, pow2)
         gate, up = grouped_linear(x_sorted, self.gate_up_proj, counts, offs).chunk(2, dim=-1)
         return grouped_linear(F.silu(gate) * up, self.down_proj, counts, offs)
 

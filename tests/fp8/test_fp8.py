@@ -154,6 +154,7 @@ def test_converted_model_trains_and_keeps_checkpoint_names():
     assert list(m.state_dict()) == keys
     assert isinstance(m.model.layers[0].self_attn.kv_b_proj, Fp8Linear)
     assert isinstance(m.model.layers[0].mlp.up_proj, Fp8Linear)
+    assert m.model.layers[0].mlp.act.func.__name__ == "fp8_swiglu"
     assert type(m.lm_head) is torch.nn.Linear and type(m.mtp[0].eh_proj) is torch.nn.Linear
     assert count_fp8_gemms(m) > 10
     x = torch.randint(0, cfg.vocab_size, (2, 24))
@@ -164,3 +165,32 @@ def test_converted_model_trains_and_keeps_checkpoint_names():
     out = m.train()(x[:, :-1], labels=x[:, 1:], return_logits=False)
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_fp8_swiglu_saves_fp8_inputs_and_recomputes():
+    """V3's low-precision activation memory: SwiGLU keeps gate/up in FP8 and recomputes silu(g) * u backward."""
+    from nanoseek.fp8 import fp8_swiglu
+
+    torch.manual_seed(9)
+    g = (torch.randn(96, 300) * 2).requires_grad_()
+    u = torch.randn(96, 300).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fp8_swiglu(g, u)
+    torch.testing.assert_close(y, torch.nn.functional.silu(g) * u)  # the forward output is exact
+    assert sorted(saved, key=str) == sorted([(torch.float8_e4m3fn, (96, 300)), (torch.float32, (96, 3))] * 2, key=str)
+    dy = torch.randn(96, 300)
+    y.backward(dy)
+    dg, du = g.grad.clone(), u.grad.clone()
+    g.grad = u.grad = None
+    (torch.nn.functional.silu(g) * u).backward(dy)
+    for got, want in ((dg, g.grad), (du, u.grad)):
+        err = ((got - want).norm() / want.norm()).item()
+        assert 1e-4 < err < 0.05  # the FP8 rounding of the saved inputs shows, within the E4M3 step
+    with torch.no_grad():  # inference: nothing saved, plain SwiGLU
+        torch.testing.assert_close(fp8_swiglu(g, u), torch.nn.functional.silu(g) * u)

@@ -119,3 +119,26 @@ def test_update_bias_sign_rule():
     update_bias(g, load, gamma=0.01)
     torch.testing.assert_close(g.e_score_correction_bias,
                                torch.tensor([-0.01, 0.01, 0.0, 0.0, 0.01, -0.01, 0.0, 0.0]))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
+                    reason="needs a CUDA GPU with grouped GEMMs (sm90)")
+def test_moe_under_cuda_autocast_uses_the_grouped_gemm(monkeypatch):
+    """fp32 residual stream and master weights under bf16 autocast: the experts run one bf16 grouped GEMM, not the
+    per-expert fallback loop."""
+    cfg = tiny_config()
+    moe = MoE(cfg).cuda().train()
+    torch.nn.init.normal_(moe.experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(moe.experts.down_proj, std=0.1)
+    x = torch.randn(2, 64, cfg.hidden_size, device="cuda", requires_grad=True)
+    ref, _ = moe(x)
+
+    def no_loop(*a, **k):
+        raise AssertionError("per-expert fallback used")
+
+    monkeypatch.setattr(torch, "split", no_loop)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, _ = moe(x)
+    y.float().sum().backward()
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-2
+    assert moe.experts.gate_up_proj.grad is not None
