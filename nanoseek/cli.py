@@ -10,6 +10,11 @@ from pathlib import Path
 
 import torch
 
+# `--fp8`: DeepSeek-V3's FP8 recipe: FP8 GEMMs with fine-grained scales and BF16 AdamW moments (fp32 master weights)
+FP8_RECIPE = ("fp8=true", "bf16_moments=true")
+FP8_HELP = ("DeepSeek-V3's FP8 recipe: FP8 GEMMs with 1x128 / 128x128 scales (emulated on the CPU) and BF16 AdamW "
+            "moments; --set bf16_moments=false keeps fp32 moments")
+
 
 def _resolve_config(spec: str):
     from .io import read_config
@@ -89,11 +94,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     try:
         model_cfg = _resolve_config(args.preset)
         train_cfg = TrainConfig(seed=args.seed)
-        sets = list(args.set or [])
+        sets = (list(FP8_RECIPE) if args.fp8 else []) + list(args.set or [])  # --set wins over the recipe
         if args.steps is not None:
             sets.append(f"steps={args.steps}")
-        if args.fp8:
-            sets.append("fp8=true")
         model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets)
     except ConfigError as e:
         raise SystemExit(f"nanoseek: {e}") from None
@@ -239,7 +242,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_speedrun(args: argparse.Namespace) -> int:
     from .train.speedrun import speedrun
 
-    sets = list(args.set or []) + (["fp8=true"] if args.fp8 else [])
+    sets = (list(FP8_RECIPE) if args.fp8 else []) + list(args.set or [])
     s = speedrun(Path(args.out), args.preset, args.minutes, args.data or None, args.max_chars, args.steps,
                  sets, args.seed, post_train=not args.no_post_train, sft_steps=args.sft_steps,
                  grpo_minutes=args.grpo_minutes)
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-chars", type=int, default=None, help="cap the corpus size (characters)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training or model field")
-    p.add_argument("--fp8", action="store_true", help="FP8 GEMMs with fine-grained scales (emulated on CPU)")
+    p.add_argument("--fp8", action="store_true", help=FP8_HELP)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("speedrun", help="tokenizer + corpus + pre-training + report, within a time budget")
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="fixed number of steps instead of the time budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--fp8", action="store_true", help="FP8 training (emulated on CPU)")
+    p.add_argument("--fp8", action="store_true", help=FP8_HELP)
     p.add_argument("--no-post-train", action="store_true", help="stop after pre-training (no SFT / GRPO)")
     p.add_argument("--sft-steps", type=int, default=600)
     p.add_argument("--grpo-minutes", type=float, default=5.0)

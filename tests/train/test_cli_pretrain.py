@@ -42,3 +42,16 @@ def test_speedrun_writes_report(tmp_path):
     assert (out / "pretrain" / "expert_load.png").stat().st_size > 1000
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 3 and s["heldout_loss"] > 0
+
+
+def test_pretrain_fp8_flag_is_the_v3_recipe(tmp_path, capsys):
+    data = None
+    for extra, moments in (([], True), (["--set", "bf16_moments=false"], False)):
+        out = tmp_path / f"fp8_{moments}"
+        args = ["pretrain", "--preset", "tiny", "--out", str(out), "--steps", "1", "--fp8", *SMALL, *extra]
+        args += ["--data", str(data)] if data else ["--max-chars", "200000"]
+        assert main(args) == 0
+        data = data or out / "data"
+        train = json.loads((out / "config.json").read_text())["train"]
+        assert train["fp8"] is True and train["bf16_moments"] is moments
+    assert "done: 1/1 steps" in capsys.readouterr().out
