@@ -164,23 +164,28 @@ def bench_speculative(args) -> dict:
     prompts = [[tok.bos_id] + tok.encode(t, allow_special=False)[:48] for t in texts]
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     out: dict = {"checkpoint": str(ckpt), "prompts": len(prompts)}
-    runs: dict[str, list[float]] = {"plain": [], "speculative": []}
+    modes = ["plain", "speculative"] + (["plain+compile", "speculative+compile"] if args.compile else [])
+    engines = {m: Engine(model, tok, max_batch=1, max_len=48 + args.new_tokens + 8,
+                         speculative=m.startswith("speculative"), compile=m.endswith("+compile")) for m in modes}
+    runs: dict[str, list[float]] = {m: [] for m in modes}
     toks: dict[str, list[list[int]]] = {}
-    for r in range(args.rounds + 1):
-        for mode in runs:
-            eng = Engine(model, tok, max_batch=1, max_len=48 + args.new_tokens + 8, speculative=mode != "plain")
+    for r in range(args.rounds + 1):  # round 0 warms up (and compiles)
+        for mode, eng in engines.items():
+            eng.stats = type(eng.stats)()
             t = time.perf_counter()
             res = [eng.generate([p], params)[0] for p in prompts]
             if r:
                 runs[mode].append(sum(len(x.output_ids) for x in res) / (time.perf_counter() - t))
             toks[mode] = [x.output_ids for x in res]
             out[f"{mode}_forwards_per_token"] = eng.stats.decode_forwards / max(eng.stats.generated_tokens, 1)
-            if mode == "speculative":
-                out["acceptance_rate"] = eng.stats.acceptance_rate
+            if mode.startswith("speculative"):
+                out[f"{mode}_acceptance_rate"] = eng.stats.acceptance_rate
     for mode, v in runs.items():
         out[f"{mode}_tok_s"] = statistics.median(v)
     out["speedup"] = out["speculative_tok_s"] / out["plain_tok_s"]
-    out["same_tokens"] = toks["plain"] == toks["speculative"]
+    if args.compile:
+        out["speedup_compiled"] = out["speculative+compile_tok_s"] / out["plain+compile_tok_s"]
+    out["same_tokens"] = all(toks[m] == toks["plain"] for m in modes)
     return out
 
 
@@ -235,9 +240,13 @@ def main(argv: list[str] | None = None) -> None:
         sp = results["speculative"] = bench_speculative(args)
         print(f"\n## MTP speculative decoding ({sp['checkpoint']}, {sp['prompts']} prompts, batch 1, greedy)")
         print(f"plain {sp['plain_tok_s']:.1f} tok/s, speculative {sp['speculative_tok_s']:.1f} tok/s "
-              f"({sp['speedup']:.2f}x); acceptance {sp['acceptance_rate']:.1%}; main-model forwards per token "
-              f"{sp['plain_forwards_per_token']:.2f} -> {sp['speculative_forwards_per_token']:.2f}; "
+              f"({sp['speedup']:.2f}x); acceptance {sp['speculative_acceptance_rate']:.1%}; main-model forwards "
+              f"per token {sp['plain_forwards_per_token']:.2f} -> {sp['speculative_forwards_per_token']:.2f}; "
               f"same tokens: {sp['same_tokens']}")
+        if args.compile:
+            print(f"compiled: plain {sp['plain+compile_tok_s']:.1f} tok/s, speculative "
+                  f"{sp['speculative+compile_tok_s']:.1f} tok/s ({sp['speedup_compiled']:.2f}x); acceptance "
+                  f"{sp['speculative+compile_acceptance_rate']:.1%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -176,6 +176,10 @@ class Engine:
         # (with the final norm and the head inside the graph; cpp_wrapper drops the Python launcher on the CPU)
         opts = {"cpp_wrapper": True} if self.device.type == "cpu" else None
         self._compiled = torch.compile(self._static_decode, dynamic=False, options=opts) if compile else None
+        # speculative: the verify step ([t, draft]: 2 tokens) is a second static shape of the same function; the
+        # MTP draft over the last 1-2 positions its own graph
+        self._compiled_draft = (torch.compile(self._static_draft, dynamic=False, options=opts)
+                                if compile and speculative else None)
 
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
@@ -357,18 +361,30 @@ class Engine:
 
     def _decode_forward(self, rows: list[int], inputs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [b, S, H] and logits [b, S, V] of a decode step (S = 1, or 2 with a draft)."""
-        if self._compiled is None or any(len(t) > 1 for t in inputs):
+        S = max(len(t) for t in inputs)
+        if self._compiled is None or S > 2:
             h = self._main(rows, inputs)
-            return h, self._logits(h[:, : max(len(t) for t in inputs)])
-        ids = torch.zeros(self.max_batch, 1, dtype=torch.long)
-        pos = torch.full((self.max_batch, 1), self.max_len, dtype=torch.long)
+            return h, self._logits(h[:, :S])
+        ids = torch.zeros(self.max_batch, S, dtype=torch.long)
+        pos = torch.full((self.max_batch, S), self.max_len, dtype=torch.long)  # padding -> scratch position
         for r, t in zip(rows, inputs, strict=True):
-            ids[r, 0] = t[0]
-            pos[r, 0] = self.slots[r].length  # type: ignore[union-attr]
+            ids[r, : len(t)] = torch.tensor(t)
+            start = self.slots[r].length  # type: ignore[union-attr]
+            pos[r, : len(t)] = torch.arange(start, start + len(t))
         h, logits = self._compiled(ids.to(self.device), pos.to(self.device))
         if len(rows) == self.max_batch and rows == list(range(self.max_batch)):
             return h, logits
         return h[rows], logits[rows]
+
+    def _static_draft(self, h_prev: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
+                      last: torch.Tensor) -> torch.Tensor:
+        """MTP module 1 over [max_batch, S] positions (padding at the scratch position); logits at `last`."""
+        batch = CacheBatch(list(range(self.max_batch)), pos, self.max_len + 1)
+        module = self.model.mtp[0]
+        h, _ = module(h_prev, self.model.model.embed_tokens(ids), *self._rope_mask(batch),
+                      cache=self.cache.view(self.cfg.num_hidden_layers, batch))
+        hl = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1)
+        return self.model.lm_head(module.shared_head.norm(hl)).float()
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(h)).float()
@@ -422,15 +438,29 @@ class Engine:
         hs = [torch.cat(s.pending_h) for s in slots]
         nxt = [s.tokens[s.mtp_length + 1 : s.length + 1] for s in slots]
         lengths = [len(t) for t in nxt]
-        batch = self._batch(rows, [s.mtp_length for s in slots], lengths)
-        h_prev = torch.zeros(len(rows), max(lengths), self.cfg.hidden_size, dtype=self.dtype, device=self.device)
-        for r, hh in enumerate(hs):
-            h_prev[r, : len(hh)] = hh
-        module = self.model.mtp[0]
-        h, _ = module(h_prev, self._embed(nxt), *self._rope_mask(batch),
-                      cache=self.cache.view(self.cfg.num_hidden_layers, batch))
-        last = torch.stack([h[r, n - 1] for r, n in enumerate(lengths)])
-        logits = self.model.lm_head(module.shared_head.norm(last)).float()
+        if self._compiled_draft is not None and max(lengths) <= 2:  # steady state: 1-2 new positions per row
+            S = max(lengths)
+            h_prev = torch.zeros(self.max_batch, S, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+            ids = torch.zeros(self.max_batch, S, dtype=torch.long)
+            pos = torch.full((self.max_batch, S), self.max_len, dtype=torch.long)
+            last = torch.zeros(self.max_batch, dtype=torch.long)
+            for r, s, hh, t in zip(rows, slots, hs, nxt, strict=True):
+                h_prev[r, : len(hh)] = hh
+                ids[r, : len(t)] = torch.tensor(t)
+                pos[r, : len(t)] = torch.arange(s.mtp_length, s.mtp_length + len(t))
+                last[r] = len(t) - 1
+            logits = self._compiled_draft(h_prev, ids.to(self.device), pos.to(self.device), last.to(self.device))
+            logits = logits[rows]
+        else:
+            batch = self._batch(rows, [s.mtp_length for s in slots], lengths)
+            h_prev = torch.zeros(len(rows), max(lengths), self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+            for r, hh in enumerate(hs):
+                h_prev[r, : len(hh)] = hh
+            module = self.model.mtp[0]
+            h, _ = module(h_prev, self._embed(nxt), *self._rope_mask(batch),
+                          cache=self.cache.view(self.cfg.num_hidden_layers, batch))
+            last_h = torch.stack([h[r, n - 1] for r, n in enumerate(lengths)])
+            logits = self.model.lm_head(module.shared_head.norm(last_h)).float()
         out: list[int | None] = []
         for r, s in enumerate(slots):
             s.mtp_length = s.length

@@ -179,3 +179,16 @@ def test_compiled_decode_equals_eager(model):
     eager = Engine(model, max_batch=2, max_len=48).generate(PROMPTS[:3], params)
     compiled = Engine(model, max_batch=2, max_len=48, compile=True).generate(PROMPTS[:3], params)
     assert [r.output_ids for r in compiled] == [r.output_ids for r in eager]
+
+
+@pytest.mark.slow
+def test_compiled_speculative_equals_plain_greedy():
+    """The compiled verify (2-token static step) and MTP draft graphs: the plain greedy tokens, drafts accepted."""
+    m, cycle = _train_periodic()
+    prompts = [cycle[:5].tolist(), cycle[3:10].tolist(), cycle[1:4].tolist()]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    plain = Engine(m, max_batch=2, max_len=64).generate(prompts, params)
+    eng = Engine(m, max_batch=2, max_len=64, speculative=True, compile=True)
+    spec = eng.generate(prompts, params)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+    assert eng.stats.acceptance_rate > 0.8
