@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from .quant import BLOCK
+from .quant import BLOCK, quantize_tiles, quantize_weight_block
 
 Backend = Literal["auto", "emulate", "rowwise", "blockwise"]
 BACKENDS = ("auto", "emulate", "rowwise", "blockwise")
@@ -76,10 +76,10 @@ def scaled_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         raise ValueError(f"scaled_gemm needs A [M, K] and B [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
     if backend == "auto":
         backend = resolve_backend(a.device)
-    if backend in ("rowwise", "blockwise") and not _shapes_ok(a.shape[0], b.shape[0], a.shape[1], backend, a.device):
+    if backend in ("rowwise", "blockwise") and not _shapes_ok(b.shape[0], a.shape[1], backend, a.device):
         backend = "emulate"
     if backend == "blockwise":
-        layout = _probe(a.device.type, a.device.index or 0)[1] if a.device.type == "cuda" else 0
+        layout = _probe(*_device_key(a.device))[1] if fp8_supported(a.device) else 0
         return _blockwise(a, a_scale, b, b_scale, layout).to(out_dtype)
     if backend == "rowwise":
         return _rowwise(a, a_scale, b, b_scale, b_blocks).to(out_dtype)
@@ -88,7 +88,7 @@ def scaled_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     raise ValueError(f"unknown FP8 backend {backend!r}; choose one of {BACKENDS}")
 
 
-def _shapes_ok(m: int, n: int, k: int, backend: str, device: torch.device) -> bool:
+def _shapes_ok(n: int, k: int, backend: str, device: torch.device) -> bool:
     """The FP8 tensor-core kernels need K and N in multiples of 16 (CUDA); the block-scaled one whole 128-blocks
     of K. Other shapes (the tiny test models) take the emulation."""
     if device.type != "cuda":
@@ -109,14 +109,16 @@ def resolve_backend(device: torch.device | str) -> str:
     device = torch.device(device)
     if not fp8_supported(device):
         return "emulate"
-    return _probe(device.type, torch.cuda.current_device() if device.index is None else device.index)[0]
+    return _probe(*_device_key(device))[0]
+
+
+def _device_key(device: torch.device) -> tuple[str, int]:
+    return device.type, torch.cuda.current_device() if device.index is None else device.index
 
 
 @functools.cache
 def _probe(dev_type: str, index: int) -> tuple[str, int]:
     """(backend, blockwise scale layout) that reproduce the emulation on this device; a cached capability check."""
-    from .quant import quantize_tiles, quantize_weight_block
-
     device = torch.device(dev_type, index)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(256, 512, device=device, generator=gen)

@@ -162,7 +162,7 @@ class Experts(nn.Module):
             gate, up = fp8_grouped_linear(x_sorted, self.gate_up_proj, offs, pow2).chunk(2, dim=-1)
             return fp8_grouped_linear(fp8_swiglu(gate, up, pow2), self.down_proj, offs, pow2)
         gate, up = grouped_linear(x_sorted, self.gate_up_proj, counts, offs).chunk(2, dim=-1)
-        return grouped_linear(F.silu(gate) * up, self.down_proj, counts, offs)
+        return grouped_linear(swiglu(gate, up), self.down_proj, counts, offs)
 
 
 GATHER_LIMIT = 1 << 22  # gathered-expert path while the copied weights stay under 4M values (16 MiB fp32)
@@ -172,7 +172,7 @@ def gathered_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, 
     """sum_k weights[t,k] * Expert_idx[t,k](x_t) by indexing each token's experts' weights: for the few tokens of
     a decode step, cheaper than sorting and a grouped GEMM over mostly empty groups (gpt-fast's MoE decode)."""
     gate, up = torch.einsum("th,tkoh->tko", x, experts.gate_up_proj[idx]).chunk(2, dim=-1)
-    y = torch.einsum("tki,tkhi->tkh", F.silu(gate) * up, experts.down_proj[idx])
+    y = torch.einsum("tki,tkhi->tkh", swiglu(gate, up), experts.down_proj[idx])
     return torch.einsum("tk,tkh->th", weights.to(y.dtype), y)
 
 
