@@ -76,6 +76,9 @@ def scaled_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         raise ValueError(f"scaled_gemm needs A [M, K] and B [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
     if backend == "auto":
         backend = resolve_backend(a.device)
+    if (backend == "blockwise" or (backend == "rowwise" and a.device.type == "cuda")) and not fp8_supported(a.device):
+        raise ValueError(f"the {backend} FP8 backend needs a GPU with FP8 tensor cores (compute capability >= 8.9); "
+                         f"on {a.device} use 'emulate'" + (" or 'rowwise'" if a.device.type == "cpu" else ""))
     if backend in ("rowwise", "blockwise") and not _shapes_ok(b.shape[0], a.shape[1], backend, a.device):
         backend = "emulate"
     if backend == "blockwise":
@@ -92,7 +95,7 @@ def _shapes_ok(n: int, k: int, backend: str, device: torch.device) -> bool:
     """The FP8 tensor-core kernels need K and N in multiples of 16 (CUDA); the block-scaled one whole 128-blocks
     of K. Other shapes (the tiny test models) take the emulation."""
     if device.type != "cuda":
-        return backend == "rowwise"  # the CPU's _scaled_mm is row-wise only, any shape
+        return True  # the CPU's _scaled_mm (row-wise) takes any shape
     if k % 16 or n % 16:
         return False
     return backend != "blockwise" or k % BLOCK == 0

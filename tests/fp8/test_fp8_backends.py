@@ -86,6 +86,8 @@ def test_backend_choice_and_errors():
         scaled_gemm(a_q, a_s, a_q, a_s, b_blocks=False, backend="cutlass")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="A \\[M, K\\] and B \\[N, K\\]"):
         scaled_gemm(a_q, a_s, a_q[:, :64], a_s, backend="emulate")
+    with pytest.raises(ValueError, match="blockwise FP8 backend needs a GPU"):
+        scaled_gemm(a_q, a_s, a_q, a_s, b_blocks=False, backend="blockwise")
     with pytest.raises(ConfigError, match="fp8_backend"):
         TrainConfig(fp8_backend="fast")
 
