@@ -34,29 +34,34 @@ def _expand_rows(scale: torch.Tensor, n: int, block_rows: bool) -> torch.Tensor:
     return scale.repeat_interleave(BLOCK, 0)[:n] if block_rows else scale
 
 
-def _emulate(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, b_blocks: bool) -> torch.Tensor:
+def _per_slice(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, b_blocks: bool,
+               slice_mm) -> torch.Tensor:
+    """sum over 128-slices j of K of slice_mm(A_j, sA_j [M, 1], B_j, sB_j [N, 1]), accumulated in fp32."""
     m, k = a.shape
     n = b.shape[0]
     sb_rows = _expand_rows(sb.float(), n, b_blocks)
     out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
     for j, s in enumerate(range(0, k, BLOCK)):
-        aj = a[:, s : s + BLOCK].float() * sa[:, j : j + 1]
-        bj = b[:, s : s + BLOCK].float() * sb_rows[:, j : j + 1]
-        out += aj @ bj.T
+        out += slice_mm(a[:, s : s + BLOCK], sa[:, j : j + 1].float(), b[:, s : s + BLOCK], sb_rows[:, j : j + 1])
     return out
+
+
+def _dequant_mm(aj: torch.Tensor, saj: torch.Tensor, bj: torch.Tensor, sbj: torch.Tensor) -> torch.Tensor:
+    return (aj.float() * saj) @ (bj.float() * sbj).T
+
+
+def _scaled_mm_rowwise(aj: torch.Tensor, saj: torch.Tensor, bj: torch.Tensor, sbj: torch.Tensor) -> torch.Tensor:
+    # bj contiguous [N, 128] row-major: bj.T is the column-major mat2 _scaled_mm wants
+    return torch._scaled_mm(aj.contiguous(), bj.contiguous().T, scale_a=saj.contiguous(),
+                            scale_b=sbj.reshape(1, -1).contiguous(), out_dtype=torch.float32)
+
+
+def _emulate(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, b_blocks: bool) -> torch.Tensor:
+    return _per_slice(a, sa, b, sb, b_blocks, _dequant_mm)
 
 
 def _rowwise(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, b_blocks: bool) -> torch.Tensor:
-    m, k = a.shape
-    n = b.shape[0]
-    sb_rows = _expand_rows(sb.float(), n, b_blocks)
-    out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
-    for j, s in enumerate(range(0, k, BLOCK)):
-        aj = a[:, s : s + BLOCK].contiguous()
-        bj = b[:, s : s + BLOCK].contiguous()  # [N, 128] row-major: bj.T is the column-major mat2 _scaled_mm wants
-        out += torch._scaled_mm(aj, bj.T, scale_a=sa[:, j : j + 1].float().contiguous(),
-                                scale_b=sb_rows[:, j].float().reshape(1, n).contiguous(), out_dtype=torch.float32)
-    return out
+    return _per_slice(a, sa, b, sb, b_blocks, _scaled_mm_rowwise)
 
 
 def _blockwise(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, layout: int = 0) -> torch.Tensor:
