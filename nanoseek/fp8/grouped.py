@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .quant import dequantize_tiles, dequantize_weight_block, fake_quantize_tiles, quantize_tiles, quantize_weight_block
+from .quant import (
+    GRAD_AMAX_FLOOR,
+    dequantize_tiles,
+    dequantize_weight_block,
+    fake_quantize_tiles,
+    quantize_tiles,
+    quantize_weight_block,
+)
 
 
 def _qdq_experts(w: torch.Tensor, pow2: bool) -> torch.Tensor:
@@ -44,9 +51,11 @@ class _Fp8GroupedFn(torch.autograd.Function):
         wd = _qdq_experts(w, pow2).to(dt)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = torch._grouped_mm(fake_quantize_tiles(dy, pow2_scale=pow2).to(dt), wd, offs=offs)
+            dyq = fake_quantize_tiles(dy, pow2_scale=pow2, amax_floor=GRAD_AMAX_FLOOR)
+            dx = torch._grouped_mm(dyq.to(dt), wd, offs=offs)
         if ctx.needs_input_grad[1]:
-            dy_t = fake_quantize_tiles(dy.T.contiguous(), pow2_scale=pow2).T  # tiles of 128 tokens per output channel
+            dy_t = fake_quantize_tiles(dy.T.contiguous(), pow2_scale=pow2,
+                                       amax_floor=GRAD_AMAX_FLOOR).T  # tiles of 128 tokens per output channel
             x_t = fake_quantize_tiles(dequantize_tiles(xq, xs).T.contiguous(), pow2_scale=pow2).T
             with torch.enable_grad():
                 wv = wd.detach().requires_grad_()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .gemm import Backend, scaled_gemm
-from .quant import dequantize_tiles, quantize_tiles, quantize_weight_block
+from .quant import GRAD_AMAX_FLOOR, dequantize_tiles, quantize_tiles, quantize_weight_block
 
 
 class _Fp8LinearFn(torch.autograd.Function):
@@ -35,10 +35,10 @@ class _Fp8LinearFn(torch.autograd.Function):
         pow2, backend = ctx.pow2, ctx.backend
         dx = dw = None
         if ctx.needs_input_grad[0]:  # Dgrad dx = dy W: reduce over out_features; W^T keeps W's blocks, transposed
-            dyq, dys = quantize_tiles(dy, pow2_scale=pow2)
+            dyq, dys = quantize_tiles(dy, pow2_scale=pow2, amax_floor=GRAD_AMAX_FLOOR)
             dx = scaled_gemm(dyq, dys, wq.T.contiguous(), ws.T.contiguous(), out_dtype=ctx.x_dtype, backend=backend)
         if ctx.needs_input_grad[1]:  # Wgrad dW = dy^T x: reduce over tokens, both operands re-tiled along them
-            dytq, dyts = quantize_tiles(dy.T.contiguous(), pow2_scale=pow2)
+            dytq, dyts = quantize_tiles(dy.T.contiguous(), pow2_scale=pow2, amax_floor=GRAD_AMAX_FLOOR)
             xtq, xts = quantize_tiles(dequantize_tiles(xq, xs).T.contiguous(), pow2_scale=pow2)
             dw = scaled_gemm(dytq, dyts, xtq, xts, b_blocks=False, out_dtype=ctx.w_dtype, backend=backend)
         return dx, dw, None, None, None

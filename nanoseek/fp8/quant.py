@@ -11,6 +11,11 @@ import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 BLOCK = 128
+AMAX_FLOOR = 1e-4  # activations and weights (SPEC §3): a near-zero tile does not blow its scale up
+# Gradients are small by construction (the loss is a mean over every token of the batch: a per-element dy of 1e-8
+# is typical at 4K tokens per step and ~1e-11 at V3's 60M), so the activation floor would fix their scale at
+# 1e-4/448 and push whole tiles into E4M3's subnormals or to zero. Their floor only guards an all-zero tile.
+GRAD_AMAX_FLOOR = 1e-30
 
 
 def _expand_scale(scale: torch.Tensor, shape: torch.Size, block: int) -> torch.Tensor:
@@ -19,7 +24,7 @@ def _expand_scale(scale: torch.Tensor, shape: torch.Size, block: int) -> torch.T
 
 
 def quantize_weight_block(
-    w: torch.Tensor, block: int = BLOCK, pow2_scale: bool = False, amax_floor: float = 1e-4
+    w: torch.Tensor, block: int = BLOCK, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """W [out, in] -> (float8_e4m3fn [out, in], scale_inv fp32 [ceil(out/b), ceil(in/b)])."""
     if w.dim() != 2:
@@ -52,11 +57,12 @@ def dequantize_weight_block(
 
 
 def quantize_tiles(
-    x: torch.Tensor, tile: int = BLOCK, pow2_scale: bool = False, amax_floor: float = 1e-4
+    x: torch.Tensor, tile: int = BLOCK, pow2_scale: bool = False, amax_floor: float = AMAX_FLOOR
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations per 1 x `tile` tile along the last dim: x [M, K] -> (fp8 [M, K], scale fp32 [M, ceil(K/tile)]).
 
-    scale = max(amax(tile), 1e-4) / 448, optionally rounded up to a power of two (`2^ceil(log2 s)`); a last tile
+    scale = max(amax(tile), amax_floor) / 448 (floor 1e-4 for activations, `GRAD_AMAX_FLOOR` for gradients),
+    optionally rounded up to a power of two (`2^ceil(log2 s)`); a last tile
     narrower than `tile` (K not a multiple) is scaled by its own amax.
     """
     if x.dim() != 2:
@@ -79,6 +85,7 @@ def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor, tile: int = BLOCK) ->
     return q.float() * scale.repeat_interleave(tile, dim=1)[:, : q.shape[1]]
 
 
-def fake_quantize_tiles(x: torch.Tensor, tile: int = BLOCK, pow2_scale: bool = False) -> torch.Tensor:
+def fake_quantize_tiles(x: torch.Tensor, tile: int = BLOCK, pow2_scale: bool = False,
+                        amax_floor: float = AMAX_FLOOR) -> torch.Tensor:
     """x through 1 x `tile` FP8 quantisation and back (fp32): the values an FP8 GEMM sees."""
-    return dequantize_tiles(*quantize_tiles(x, tile, pow2_scale), tile)
+    return dequantize_tiles(*quantize_tiles(x, tile, pow2_scale, amax_floor), tile)
