@@ -149,6 +149,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, self.inter))
         self.fp8 = False  # set by nanoseek.fp8.convert_to_fp8: both GEMMs (and their backward) in FP8
         self.fp8_pow2_scale = False
+        # set by nanoseek.fp8.emulate_bf16_gemms: operands and outputs of both GEMMs rounded (BF16 baseline on a CPU)
+        self.round_operands: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted: tokens grouped by expert (counts[e] rows for expert e, in order)."""
@@ -161,6 +163,9 @@ class Experts(nn.Module):
             pow2 = self.fp8_pow2_scale
             gate, up = fp8_grouped_linear(x_sorted, self.gate_up_proj, offs, pow2).chunk(2, dim=-1)
             return fp8_grouped_linear(fp8_swiglu(gate, up, pow2), self.down_proj, offs, pow2)
+        if (r := self.round_operands) is not None:
+            gate, up = r(grouped_linear(r(x_sorted), r(self.gate_up_proj), counts, offs)).chunk(2, dim=-1)
+            return r(grouped_linear(r(swiglu(gate, up)), r(self.down_proj), counts, offs))
         gate, up = grouped_linear(x_sorted, self.gate_up_proj, counts, offs).chunk(2, dim=-1)
         return grouped_linear(swiglu(gate, up), self.down_proj, counts, offs)
 
@@ -229,7 +234,7 @@ class MoE(nn.Module):
     def _gather_ok(self, idx: torch.Tensor) -> bool:
         """Inference on few tokens (decode) with plain high-precision experts."""
         e = self.experts
-        return (not torch.is_grad_enabled() and type(e) is Experts and not e.fp8
+        return (not torch.is_grad_enabled() and type(e) is Experts and not e.fp8 and e.round_operands is None
                 and idx.numel() * e.gate_up_proj[0].numel() * 3 // 2 <= GATHER_LIMIT)
 
     def balance_loss(self, s: torch.Tensor) -> torch.Tensor:

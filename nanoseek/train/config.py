@@ -57,6 +57,9 @@ class TrainConfig:
     fp8: bool = False  # FP8 GEMMs (attention projections, MLPs, experts) with fine-grained scales (SPEC §3)
     fp8_pow2_scale: bool = False  # round FP8 scales up to powers of two (ue8m0)
     fp8_backend: str = "auto"  # auto | emulate | rowwise | blockwise (nanoseek.fp8.gemm): how FP8 GEMMs run
+    # the BF16 baseline on a CPU: the GEMMs FP8 would quantise see bf16-rounded operands (fp32 accumulation;
+    # nanoseek.fp8.bf16), the rest stays fp32 -- for studying FP8 vs BF16 numerics without bf16 hardware
+    emulate_bf16: bool = False
     init_from: str | None = None  # start from this checkpoint's weights (fine-tuning: SFT) instead of random init
 
     def __post_init__(self) -> None:
@@ -81,6 +84,8 @@ class TrainConfig:
             raise ConfigError(f"micro_batch_size ({self.micro_batch_size}) > batch_size ({self.batch_size})")
         if self.fp8_backend not in ("auto", "emulate", "rowwise", "blockwise"):
             raise ConfigError(f"fp8_backend must be auto, emulate, rowwise or blockwise, got {self.fp8_backend!r}")
+        if self.fp8 and self.emulate_bf16:
+            raise ConfigError("fp8 and emulate_bf16 are two formats for the same GEMMs: choose one")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import PackedBatches, TokenShard, heldout_batches
-from ..fp8 import convert_to_fp8
+from ..fp8 import convert_to_fp8, emulate_bf16_gemms
 from ..io import build, load_checkpoint
 from ..model import ModelConfig, Transformer, update_bias
 from .checkpoint import load_latest, restore_optimizer, save_training_checkpoint, set_rng_state
@@ -82,6 +82,8 @@ class Trainer:
         self.model: Transformer = model.train()
         if cfg.fp8:
             convert_to_fp8(self.model, cfg.fp8_pow2_scale, cfg.fp8_backend)  # type: ignore[arg-type]
+        elif cfg.emulate_bf16:
+            emulate_bf16_gemms(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
         if resumed is not None:
             restore_optimizer(self.optimizer, opt_tensors, state["optimizer"])
