@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import MLA, MLP, Experts, Transformer
+from ..model import Experts, Transformer
+from .convert import low_precision_sites
 
 
 class _RoundBf16(torch.autograd.Function):
@@ -56,11 +57,9 @@ class Bf16EmulatedLinear(nn.Linear):
 def emulate_bf16_gemms(model: Transformer) -> Transformer:
     """In place: the GEMMs that FP8 training quantises run as emulated BF16 GEMMs instead. Parameters are shared
     with the original modules, so an optimizer built before the call keeps working."""
-    for module in list(model.modules()):
-        if isinstance(module, (MLA, MLP)):
-            for name, child in list(module.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(module, name, Bf16EmulatedLinear.from_linear(child))
-        elif isinstance(module, Experts):
-            module.round_operands = round_bf16
+    for parent, name, child in low_precision_sites(model):
+        if isinstance(child, Experts):
+            child.round_operands = round_bf16
+        else:
+            setattr(parent, name, Bf16EmulatedLinear.from_linear(child))
     return model

@@ -5,6 +5,7 @@ Parameter names do not change, so checkpoints are the same with and without FP8.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -14,20 +15,30 @@ from .linear import Fp8Linear
 from .swiglu import fp8_swiglu
 
 
-def convert_to_fp8(model: Transformer, pow2_scale: bool = False, backend: Backend = "auto") -> Transformer:
-    """In place: Linear layers of MLA and MLP/shared experts become Fp8Linear (their GEMMs on `backend`, see
-    `gemm.scaled_gemm`); routed experts run FP8 GEMMs (emulated: dequantised tiles through the grouped GEMM);
-    every SwiGLU keeps its inputs in FP8 for the backward (`swiglu.fp8_swiglu`)."""
+def low_precision_sites(model: Transformer) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """The GEMMs DeepSeek-V3 runs in FP8: (parent, name, child) for every nn.Linear of MLA and MLP (dense layers,
+    shared experts), and (experts, "", experts) for every routed-experts module."""
     for module in list(model.modules()):
         if isinstance(module, (MLA, MLP)):
             for name, child in list(module.named_children()):
                 if type(child) is nn.Linear:
-                    setattr(module, name, Fp8Linear.from_linear(child, pow2_scale, backend))
-            if isinstance(module, MLP):  # SwiGLU inputs kept in FP8, its output recomputed in the backward
-                module.act = functools.partial(fp8_swiglu, pow2_scale=pow2_scale)
+                    yield module, name, child
         elif isinstance(module, Experts):
-            module.fp8 = True
-            module.fp8_pow2_scale = pow2_scale
+            yield module, "", module
+
+
+def convert_to_fp8(model: Transformer, pow2_scale: bool = False, backend: Backend = "auto") -> Transformer:
+    """In place: Linear layers of MLA and MLP/shared experts become Fp8Linear (their GEMMs on `backend`, see
+    `gemm.scaled_gemm`); routed experts run FP8 GEMMs (emulated: dequantised tiles through the grouped GEMM);
+    every SwiGLU keeps its inputs in FP8 for the backward (`swiglu.fp8_swiglu`)."""
+    for parent, name, child in low_precision_sites(model):
+        if isinstance(child, Experts):
+            child.fp8 = True
+            child.fp8_pow2_scale = pow2_scale
+        else:
+            setattr(parent, name, Fp8Linear.from_linear(child, pow2_scale, backend))
+            if isinstance(parent, MLP):  # SwiGLU inputs kept in FP8, its output recomputed in the backward
+                parent.act = functools.partial(fp8_swiglu, pow2_scale=pow2_scale)
     return model
 
 
