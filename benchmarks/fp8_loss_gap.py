@@ -32,7 +32,7 @@ def _train(arm: str, seed: int, a: dict, data: str, out: str, vocab: int) -> dic
     from nanoseek.model import preset
     from nanoseek.train import TrainConfig, Trainer
 
-    cfg = preset("tiny").replace(vocab_size=vocab)
+    cfg = preset("tiny").replace(vocab_size=vocab, **({"initializer_range": a["init"]} if a["init"] else {}))
     base = arm.removesuffix("+perturbed")
     t = TrainConfig(steps=a["steps"], batch_size=a["batch"], micro_batch_size=a["batch"], seq_len=a["seq"],
                     seed=seed, lr=a["lr"], warmup_frac=a["warmup"], bias_update_speed=a["bias_speed"],
@@ -60,9 +60,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=float, default=0.2,
-                    help="warm-up fraction (the trainer's 0.05 is 12 steps here: a loss spike at peak lr, ~step 18)")
+    ap.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction (the trainer's default)")
     ap.add_argument("--bias-speed", type=float, default=0.001)
+    ap.add_argument("--init", type=float, default=None, help="initializer_range (default: the preset's, 0.045)")
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--perturb", type=float, default=0.0, help="also run the last arm with perturbed init weights")
     ap.add_argument("--pow2", action="store_true", help="power-of-two FP8 scales")
@@ -76,7 +76,7 @@ def main() -> int:
     info = prepare_corpus(None, out / "data", vocab_size=preset("tiny").vocab_size, max_chars=6_000_000, seed=0)
     arms = list(args.arms) + ([args.arms[-1] + "+perturbed"] if args.perturb else [])
     a = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr, "warmup": args.warmup,
-         "bias_speed": args.bias_speed,
+         "bias_speed": args.bias_speed, "init": args.init,
          "eval_batches": args.eval_batches, "perturb": args.perturb, "pow2": args.pow2}
     with ProcessPoolExecutor(args.workers) as pool:
         futs = [pool.submit(_train, arm, s, a, str(out / "data"), str(out), info["vocab_size"])

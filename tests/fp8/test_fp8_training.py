@@ -1,9 +1,9 @@
 """FP8 training through the real trainer: it learns, and lands near the fp32 run from the same seed.
 
-A sanity check against broken FP8 GEMMs (mixed-up Wgrad rows end 27% above fp32), not the FP8 issue's 0.5%
-criterion (tests/fp8/test_fp8_loss_gap.py, slow): 40 steps of a 2-layer model are far from converged and chaotic,
-and correct FP8 ends -4% to +11% from fp32 over seeds 0-3 here (+6.2% for seed 0; the Dgrad/Wgrad arithmetic
-itself is checked against block-scaled references in test_fp8.py)."""
+A sanity check against broken FP8 GEMMs, not the FP8 issue's 0.5% criterion (tests/fp8/test_fp8_loss_gap.py,
+slow): 40 steps of a 2-layer model. Correct FP8 ends +0.07% / +0.65% / +0.18% / +1.14% from fp32 over seeds 0-3;
+Wgrad rows shifted by one end +29% and a zero Dgrad +5.3% (seed 0), so 3% catches both. (With the V3 init 0.006
+instead of the preset's width-scaled 0.045 the spread of correct FP8 was -4%..+11%: training was chaotic.)"""
 
 import json
 
@@ -35,4 +35,4 @@ def test_fp8_training_tracks_fp32(data_dir, tmp_path):
     (f0, f32), (g0, g8) = losses["fp32"], losses["fp8"]
     assert abs(g0 - f0) / f0 < 0.01  # the same first step up to FP8 rounding
     assert g8 < g0 - 1.5  # FP8 learns (a wrong Dgrad / Wgrad tiling does not)
-    assert abs(g8 - f32) / f32 < 0.12, losses  # and ends near the fp32 run
+    assert abs(g8 - f32) / f32 < 0.03, losses  # and ends near the fp32 run
