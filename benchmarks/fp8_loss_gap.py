@@ -32,7 +32,9 @@ def _train(arm: str, seed: int, a: dict, data: str, out: str, vocab: int) -> dic
     from nanoseek.model import preset
     from nanoseek.train import TrainConfig, Trainer
 
-    cfg = preset("tiny").replace(vocab_size=vocab, **({"initializer_range": a["init"]} if a["init"] else {}))
+    cfg = preset("tiny").replace(vocab_size=vocab)
+    if a["init"] is not None:
+        cfg = cfg.replace(initializer_range=a["init"])
     base = arm.removesuffix("+perturbed")
     t = TrainConfig(steps=a["steps"], batch_size=a["batch"], micro_batch_size=a["batch"], seq_len=a["seq"],
                     seed=seed, lr=a["lr"], warmup_frac=a["warmup"], bias_update_speed=a["bias_speed"],
@@ -62,7 +64,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction (the trainer's default)")
     ap.add_argument("--bias-speed", type=float, default=0.001)
-    ap.add_argument("--init", type=float, default=None, help="initializer_range (default: the preset's, 0.045)")
+    ap.add_argument("--init", type=float, default=None, help="initializer_range (default: the preset's)")
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--perturb", type=float, default=0.0, help="also run the last arm with perturbed init weights")
     ap.add_argument("--pow2", action="store_true", help="power-of-two FP8 scales")
