@@ -153,7 +153,7 @@ def bench_preset(name: str, args) -> dict:
 
 def bench_speculative(args) -> dict:
     from nanoseek.data import Tokenizer
-    from nanoseek.infer.commands import resolve_checkpoint
+    from nanoseek.io.paths import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.spec_checkpoint)
     tok = Tokenizer.load(args.spec_tokenizer or ckpt / "tokenizer.json")

@@ -2,7 +2,7 @@
 
     python benchmarks/grpo_study.py [--init runs/speedrun/pretrain] [--seeds 0 1 2] [--grpo-minutes 15]
 
-1. SFT the pre-trained checkpoint on teacher-program traces of chained one-digit + / − (nanoseek.rl.posttrain),
+1. SFT the pre-trained checkpoint on teacher-program traces of chained one-digit + / − (nanoseek.recipes.posttrain),
    once; 2. from that checkpoint, GRPO with each seed for --grpo-minutes of training steps (evaluation excluded);
 3. held-out accuracy (200 problems, greedy) before and after GRPO per seed, mean gain and a t-based 95% interval.
 Writes <out>/results.json and prints a markdown table. The seeds change the rollouts' sampling, not the SFT start.
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import nanoseek
 from nanoseek.data import Tokenizer
-from nanoseek.infer.commands import resolve_checkpoint
 from nanoseek.io import read_config
+from nanoseek.io.paths import resolve_checkpoint
+from nanoseek.recipes.posttrain import TASK_KNOBS, write_traces
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
-from nanoseek.rl.posttrain import TASK_KNOBS, write_traces
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.sft import SFT_DEFAULTS, prepare_sft
 from nanoseek.train.trainer import Trainer

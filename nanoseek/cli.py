@@ -125,8 +125,8 @@ def _train_and_report(trainer, out: Path, loss_name: str) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from .infer.commands import load_tokenizer, resolve_checkpoint
     from .io import read_config
+    from .io.paths import load_tokenizer, resolve_checkpoint
     from .model.config import ConfigError
     from .train import TrainConfig, Trainer, apply_overrides
     from .train.sft import SFT_DEFAULTS, SFTDataError, prepare_sft
@@ -173,8 +173,8 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
 def cmd_grpo(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .infer.commands import load_tokenizer, resolve_checkpoint
     from .io import load_checkpoint
+    from .io.paths import load_tokenizer, resolve_checkpoint
     from .rl.grpo import GRPOConfig, GRPOTrainer
 
     init = resolve_checkpoint(args.init)
@@ -205,8 +205,8 @@ def cmd_grpo(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     import itertools
 
-    from .infer.commands import load_tokenizer, resolve_checkpoint
     from .io import load_checkpoint
+    from .io.paths import load_tokenizer, resolve_checkpoint
     from .rl.distill import EndpointTeacher, EngineTeacher, distill
     from .rl.tasks import generate, load_jsonl
 
@@ -240,7 +240,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_speedrun(args: argparse.Namespace) -> int:
-    from .train.speedrun import speedrun
+    from .recipes.speedrun import speedrun
 
     sets = (list(FP8_RECIPE) if args.fp8 else []) + list(args.set or [])
     s = speedrun(Path(args.out), args.preset, args.minutes, args.data or None, args.max_chars, args.steps,

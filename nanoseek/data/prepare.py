@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sys
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..io.atomic import atomic_write_text
 from .corpus import JSONL_EXTENSIONS, CorpusStats, is_heldout, read_documents, source_files, stdlib_root, stdlib_sources
 from .fim import tokenize_documents
 from .shards import ShardError, ShardWriter, TokenShard, shard_dtype
@@ -73,18 +73,6 @@ def _pieces(text: str, size: int, limit: int) -> list[str]:
             out.append(piece)
         start = end
     return out
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _reusable(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -211,7 +199,7 @@ def prepare_corpus(sources: list[str | Path] | None, out_dir: Path, vocab_size: 
         bar.close()
     val_docs = [json.dumps({"source": key, "piece": i, "text": pieces[i]}, ensure_ascii=False)
                 for i in range(VAL_DOCS) for key, pieces in val_pieces if i < len(pieces)][:VAL_DOCS]
-    _write_text_atomic(out_dir / "val_docs.jsonl", "".join(line + "\n" for line in val_docs))
+    atomic_write_text(out_dir / "val_docs.jsonl", "".join(line + "\n" for line in val_docs))
 
     info = {
         "format": FORMAT,
@@ -236,7 +224,7 @@ def prepare_corpus(sources: list[str | Path] | None, out_dir: Path, vocab_size: 
     for held, split in ((False, "train"), (True, "val")):
         if headers[held].count != info[split]["tokens"]:
             raise ShardError(f"{split}.bin: wrote {headers[held].count} tokens but counted {info[split]['tokens']}")
-    _write_text_atomic(out_dir / "data.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / "data.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     if progress:
         print(f"prepare_corpus: {out_dir}: {stats.documents:,} documents ({stats.skipped_empty} empty skipped, "
               f"{stats.replaced_bytes} bytes replaced), {info['train']['tokens']:,} train / "

@@ -5,7 +5,6 @@ Header (little endian): magic b"NSEEKTOK" | u32 version | u32 dtype code (1 = ui
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,6 +12,8 @@ from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+
+from ..io.atomic import AtomicFile
 
 MAGIC = b"NSEEKTOK"
 VERSION = 1
@@ -59,8 +60,8 @@ class ShardWriter:
         self.header = ShardHeader(shard_dtype(vocab_size), 0, tokenizer_hash, vocab_size)
         self.header.pack()  # validates the hash early
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._f = open(self._tmp, "wb")
+        self._out = AtomicFile(self.path, "wb")
+        self._f = self._out.file
         self._f.write(b"\0" * HEADER_SIZE)
         self._np_dtype = np.dtype(self.header.dtype).newbyteorder("<")
 
@@ -78,24 +79,11 @@ class ShardWriter:
         f = self._f
         f.seek(0)
         f.write(self.header.pack())
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(self._tmp, self.path)
-        try:  # make the rename durable
-            fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+        self._out.commit()
         return self.header
 
     def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        self._tmp.unlink(missing_ok=True)
+        self._out.abort()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -109,7 +97,7 @@ class ShardWriter:
 
 
 def write_shard(path: Path, token_iter: Iterable[list[int]], tokenizer_hash: str, vocab_size: int) -> ShardHeader:
-    """Write the concatenation of `token_iter` as a shard at `path` (temp file, fsync, os.replace)."""
+    """Write the concatenation of `token_iter` as a shard at `path` (atomically)."""
     with ShardWriter(path, tokenizer_hash, vocab_size) as w:
         for ids in token_iter:
             w.write(ids)

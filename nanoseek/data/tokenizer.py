@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+
+from ..io.atomic import atomic_write_text
 
 # DeepSeek spells its specials with full-width bars (U+FF5C) and U+2581 instead of spaces. The order here is the
 # id order `train_tokenizer` gives them (bos 0, eos 1, ...); loaded tokenizers are searched by content instead.
@@ -103,16 +104,7 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(self.backend.to_str(pretty=True))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_text(path, self.backend.to_str(pretty=True))
 
     # ------------------------------------------------------------------------------------------ coding
     def _backend(self, allow_special: bool) -> HFTokenizer:

@@ -11,7 +11,7 @@ import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 BLOCK = 128
-AMAX_FLOOR = 1e-4  # activations and weights (SPEC §3): a near-zero tile does not blow its scale up
+AMAX_FLOOR = 1e-4  # activations and weights (V3 §3.3.2): a near-zero tile does not blow its scale up
 # Gradients are small by construction (the loss is a mean over every token of the batch: a per-element dy of 1e-8
 # is typical at 4K tokens per step and ~1e-11 at V3's 60M), so the activation floor would fix their scale at
 # 1e-4/448 and push whole tiles into E4M3's subnormals or to zero. Their floor only guards an all-zero tile.

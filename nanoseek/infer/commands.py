@@ -11,29 +11,9 @@ from pathlib import Path
 import torch
 
 from ..data import Tokenizer
+from ..io.paths import load_tokenizer, resolve_checkpoint
 from ..model import Transformer
 from .engine import Engine, Request, SamplingParams
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory (with config.json), or a training output whose newest checkpoint is used."""
-    p = Path(path)
-    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
-        return p
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    steps = sorted(d for d in root.glob("step_*") if (d / "config.json").is_file())
-    if steps:
-        return steps[-1]
-    raise SystemExit(f"nanoseek: {p}: no checkpoint here (expected config.json + *.safetensors, or "
-                     f"checkpoints/step_*/)")
-
-
-def load_tokenizer(ckpt: Path, explicit: str | None) -> Tokenizer:
-    candidates = [Path(explicit)] if explicit else [ckpt / "tokenizer.json"]
-    for c in candidates:
-        if c.exists():
-            return Tokenizer.load(c)
-    raise SystemExit(f"nanoseek: no tokenizer.json in {ckpt}; pass --tokenizer PATH")
 
 
 def load_for_inference(args: argparse.Namespace) -> tuple[Transformer, Tokenizer, Path]:

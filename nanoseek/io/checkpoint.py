@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 from ..fp8.quant import BLOCK, dequantize_weight_block, quantize_weight_block
 from ..model.config import ConfigError, ModelConfig
 from ..model.model import Transformer
+from .atomic import atomic_path, atomic_write_text
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -135,21 +135,6 @@ def _all_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ save
-def _fsync_replace(tmp: str, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save(
     model: Transformer, path: str | os.PathLike[str], dtype: torch.dtype | None = None, fp8: bool = False,
     max_shard_bytes: int = 5 * 1024**3,
@@ -232,10 +217,8 @@ def save(
             weight_map[key] = fname
             total += t.numel() * t.element_size()
             pending = None
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{fname}.", suffix=".tmp")
-        os.close(fd)
-        save_file(shard, tmp, metadata={"format": "pt"})
-        _fsync_replace(tmp, out / fname)
+        with atomic_path(out / fname) as tmp:
+            save_file(shard, tmp, metadata={"format": "pt"})
         del shard
     # remove weight files of an earlier save that this one no longer uses
     for old in out.glob("model*.safetensors"):
@@ -243,7 +226,7 @@ def save(
             old.unlink()
     if n_shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+        atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2) + "\n")
     elif (out / INDEX_NAME).exists():
         (out / INDEX_NAME).unlink()
     cfg = model.config.to_hf_dict()
@@ -251,7 +234,7 @@ def save(
         cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
     save_dtype = dtype or hp_dtype
     cfg["torch_dtype"] = str(save_dtype).removeprefix("torch.")
-    _atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
 
 

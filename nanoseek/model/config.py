@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """DeepSeek-V3 hyper-parameters (HF names). See SPEC §1 for the meaning of each size."""
+    """DeepSeek-V3 hyper-parameters (HF names). Sizes as in the V3 report, §2.1 and §4.2."""
 
     vocab_size: int = 129280
     hidden_size: int = 7168
@@ -98,7 +98,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """1/sqrt(d_qk), times mscale(factor, mscale_all_dim)^2 when YaRN is on (SPEC §1)."""
+        """1/sqrt(d_qk), times mscale(factor, mscale_all_dim)^2 when YaRN is on (V3 §4.3; YaRN paper, §3.4)."""
         scale = self.qk_head_dim ** -0.5
         rs = self.rope_scaling
         if rs is not None and rs.get("mscale_all_dim"):

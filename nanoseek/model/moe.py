@@ -1,6 +1,6 @@
 """DeepSeekMoE: a router (Gate), fine-grained routed experts run as one grouped GEMM, and shared experts.
 
-y = sum_{i in TopK} g_i * Expert_i(x) + Shared(x)          (SPEC §1, DeepSeekMoE)
+y = sum_{i in TopK} g_i * Expert_i(x) + Shared(x)          (V3 §2.1.2, DeepSeekMoE)
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Gate(nn.Module):
         self.scale = cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         if self.topk_method == "noaux_tc":
-            # b: bias for auxiliary-loss-free balancing, updated outside the optimizer (SPEC §1)
+            # b: bias for auxiliary-loss-free balancing, updated outside the optimizer (V3 §2.1.2)
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None

@@ -10,7 +10,7 @@ from .config import ModelConfig, yarn_mscale
 
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies for the rope head and the factor applied to cos/sin (SPEC §1, RoPE and YaRN).
+    """Inverse frequencies for the rope head and the factor applied to cos/sin (V3 §2.1.1 decoupled RoPE, §4.3 YaRN).
 
     inv_freq = 1 / theta^(2j/d); with YaRN the frequencies below the correction range are divided by `factor`
     through the ramp `smooth = 1 - clamp((j - low) / (high - low), 0, 1)`.

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from ..io.atomic import atomic_open
 from .grpo import score
 from .tasks import Problem
 
@@ -94,8 +95,7 @@ def distill(problems: Iterable[Problem], teacher: Teacher, out_jsonl: str | Path
     stats = DistillStats()
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(out) as f:
         bar = tqdm(total=len(probs), disable=not progress, desc="distill")
         for a in range(0, len(probs), batch):
             chunk = probs[a : a + batch]
@@ -118,7 +118,4 @@ def distill(problems: Iterable[Problem], teacher: Teacher, out_jsonl: str | Path
             bar.update(len(chunk))
             bar.set_postfix(kept=stats.kept, acceptance=f"{stats.acceptance:.2f}")
         bar.close()
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
     return stats

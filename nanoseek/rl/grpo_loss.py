@@ -1,4 +1,4 @@
-"""GRPO loss pieces as pure tensor functions (SPEC §5); no model in here.
+"""GRPO loss pieces as pure tensor functions (DeepSeekMath §4.1; R1 §2.2.1); no model in here.
 
 Shapes: ``B`` completions (``num_prompts * G``, grouped consecutively), ``T`` completion tokens. ``logp`` /
 ``old_logp`` / ``ref_logp`` are per-token log-probabilities of the sampled tokens ``[B, T]``; ``mask`` ``[B, T]`` is

@@ -1,4 +1,4 @@
-"""Rule-based rewards for R1-style RL (SPEC §5): accuracy, format, Countdown, language consistency, weighted sums.
+"""Rule-based rewards for R1-style RL (R1 §2.2.2): accuracy, format, Countdown, language consistency, weighted sums.
 
 A reward is a plain function ``(prompt: str, completion: str, **fields) -> float``; ``fields`` are the problem's
 reward fields (``answer``, or ``numbers`` / ``target``, or ``tests``) and every reward ignores the fields it does not

@@ -40,7 +40,7 @@ _R1_ZERO = (
 
 
 def r1_zero_prompt(question: str) -> str:
-    """The DeepSeek-R1-Zero template (SPEC §5) around ``question``; the completion is expected to start with
+    """The DeepSeek-R1-Zero template (R1 §2.2.3, Table 1) around ``question``; the completion is expected to start with
     ``<think>``."""
     return _R1_ZERO.format(prompt=question.strip())
 

@@ -13,7 +13,7 @@ from ..model.config import ConfigError, ModelConfig
 
 @dataclass
 class TrainConfig:
-    """The V3 pre-training recipe (SPEC §4), with the schedule's phases as fractions of the run."""
+    """The V3 pre-training recipe (V3 §4.2), with the schedule's phases as fractions of the run."""
 
     steps: int = 300
     batch_size: int = 16  # sequences per optimizer step at the end of the ramp
@@ -54,7 +54,7 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     device: str = "auto"  # auto: cuda if available, else cpu
-    fp8: bool = False  # FP8 GEMMs (attention projections, MLPs, experts) with fine-grained scales (SPEC §3)
+    fp8: bool = False  # FP8 GEMMs (attention projections, MLPs, experts) with fine-grained scales (V3 §3.3)
     fp8_pow2_scale: bool = False  # round FP8 scales up to powers of two (ue8m0)
     fp8_backend: str = "auto"  # auto | emulate | rowwise | blockwise (nanoseek.fp8.gemm): how FP8 GEMMs run
     # the BF16 baseline on a CPU: the GEMMs FP8 would quantise see bf16-rounded operands (fp32 accumulation;

@@ -1,4 +1,4 @@
-"""The V3 schedules scaled to a run of `steps` optimizer steps (SPEC §4)."""
+"""The V3 schedules scaled to a run of `steps` optimizer steps (V3 §4.2)."""
 
 from __future__ import annotations
 

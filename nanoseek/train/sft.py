@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from ..data import Tokenizer, iter_jsonl
 from ..data.shards import write_shard
 from ..infer.chat import encode_chat
+from ..io.atomic import atomic_write_text
 
 # SFT recipe: short warm-up, then cosine to 10% over the whole run; no batch ramp; MTP lambda and router-bias
 # updates as in pre-training but without their late-phase switches
@@ -88,7 +88,5 @@ def prepare_sft(paths: list[str | Path], tokenizer: Tokenizer, out_dir: str | Pa
         "tokens": {k: sum(map(len, v[0])) for k, v in split.items()},
         "trained_tokens": {k: sum(map(sum, v[1])) for k, v in split.items()},
     }
-    tmp = out / "data.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, out / "data.json")
+    atomic_write_text(out / "data.json", json.dumps(info, indent=1))
     return info

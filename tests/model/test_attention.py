@@ -1,4 +1,4 @@
-"""MLA forms, RoPE/YaRN closed forms and the softmax scale (SPEC §1)."""
+"""MLA forms, RoPE/YaRN closed forms and the softmax scale (V3 §2.1.1, §4.3)."""
 
 import math
 
@@ -55,7 +55,7 @@ def test_full_model_naive_vs_absorbed():
 
 
 def test_v3_softmax_scale():
-    # 1/sqrt(192) * (0.1 ln 40 + 1)^2 = 0.135234 (SPEC §1)
+    # 1/sqrt(192) * (0.1 ln 40 + 1)^2 = 0.135234 (V3 §4.3)
     assert preset("v3").softmax_scale == pytest.approx(0.135234, abs=1e-6)
     assert tiny_config(rope_scaling=None).softmax_scale == pytest.approx(24 ** -0.5)
 

@@ -13,8 +13,8 @@ import nanoseek
 from nanoseek.cli import main
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.server import build_app
+from nanoseek.recipes.posttrain import teacher_trace
 from nanoseek.rl.distill import EndpointTeacher, EngineTeacher, distill
-from nanoseek.rl.posttrain import teacher_trace
 from nanoseek.rl.rewards import accuracy_reward
 from nanoseek.rl.tasks import generate
 from nanoseek.train.config import TrainConfig

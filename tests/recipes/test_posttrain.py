@@ -7,7 +7,7 @@ from conftest import tiny_config
 
 import nanoseek
 from nanoseek.data import stdlib_sources, train_tokenizer
-from nanoseek.rl.posttrain import TASK_KNOBS, post_train, teacher_trace, write_traces
+from nanoseek.recipes.posttrain import TASK_KNOBS, post_train, teacher_trace, write_traces
 from nanoseek.rl.rewards import accuracy_reward, format_reward
 from nanoseek.rl.tasks import generate
 

@@ -2,7 +2,8 @@
 
 The task is chained one-digit addition / subtraction ("Compute 5 - 8 + 8", `nanoseek.rl.tasks` arithmetic with
 digits=1, n_operands=3, ops="+-"): a problem space of 4,000 questions with a fixed held-out split of a few hundred,
-hard enough that a tiny model half-solves it after SFT, which is where RL with a verifiable reward helps (SPEC §5).
+hard enough that a tiny model half-solves it after SFT, which is where RL with a verifiable reward
+helps (R1 §2.2, §4.1).
 The teacher is a program that writes short step-by-step traces in the R1 format:
 `<think>5 - 8 = -3. -3 + 8 = 5.</think> <answer>5</answer>`.
 """
@@ -17,11 +18,11 @@ import torch
 
 from ..data import Tokenizer
 from ..io import load_checkpoint
+from ..rl.grpo import GRPOConfig, GRPOTrainer
+from ..rl.tasks import Problem, generate
 from ..train.config import TrainConfig
 from ..train.sft import SFT_DEFAULTS, prepare_sft
 from ..train.trainer import Trainer
-from .grpo import GRPOConfig, GRPOTrainer
-from .tasks import Problem, generate
 
 TASK_KNOBS: dict[str, Any] = {"digits": 1, "n_operands": 3, "ops": "+-"}
 

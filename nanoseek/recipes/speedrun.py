@@ -15,8 +15,8 @@ from ..eval.fim import fim_exact_match
 from ..infer.sample import generate_simple
 from ..model import preset
 from ..model.stats import model_stats
-from .config import TrainConfig, apply_overrides
-from .trainer import Trainer
+from ..train.config import TrainConfig, apply_overrides
+from ..train.trainer import Trainer
 
 
 def _calibrate(model_cfg, train_cfg: TrainConfig, data_dir: Path, scratch: Path) -> float:
@@ -39,7 +39,7 @@ def speedrun(
     sft_steps: int = 600, grpo_minutes: float = 5.0, post_eval_n: int = 200,
 ) -> dict[str, Any]:
     """`minutes` budgets the pre-training; the post-training stages (SFT on teacher traces, then GRPO for
-    `grpo_minutes`, see nanoseek.rl.posttrain) come after it unless `post_train=False`."""
+    `grpo_minutes`, see nanoseek.recipes.posttrain) come after it unless `post_train=False`."""
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,8 +85,8 @@ def speedrun(
         "device": str(trainer.device), "torch": torch.__version__,
     }
     if post_train:
-        from ..infer.commands import resolve_checkpoint
-        from ..rl.posttrain import post_train as run_post_train
+        from ..io.paths import resolve_checkpoint
+        from .posttrain import post_train as run_post_train
 
         print(f"[post] SFT on teacher traces ({sft_steps} steps), then GRPO ({grpo_minutes:g} minutes)")
         summary["post"] = run_post_train(out / "post", resolve_checkpoint(out / "pretrain"), tok, sft_steps,
