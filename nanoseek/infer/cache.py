@@ -50,18 +50,23 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for bufs in self.buffers for t in bufs)
 
-    def view(self, layer: int, batch: CacheBatch) -> LayerCache:
-        return LayerCache([bufs[layer] for bufs in self.buffers], batch, self.latent)
+    def batch(self, slots: list[int], positions: torch.Tensor, T: int) -> CacheBatch:
+        """The handle one forward takes (`model(ids, positions, cache=...)`)."""
+        return CacheBatch(self, slots, positions, T)
 
 
 @dataclass
 class CacheBatch:
     """Where a forward writes: slots [b] (python ints), positions [b, S] (padding -> scratch), and T = the number
-    of leading positions that any row may attend to."""
+    of leading positions that any row may attend to. Implements nanoseek.model.attention.InferenceCache."""
 
+    cache: KVCache
     slots: list[int]
     positions: torch.Tensor
     T: int
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache([bufs[i] for bufs in self.cache.buffers], self, self.cache.latent)
 
     def __post_init__(self) -> None:
         s = self.slots

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import Transformer
-from ..model.rope import rope_cos_sin
 from .cache import CacheBatch, KVCache
 
 
@@ -162,8 +161,6 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         n_cache_layers = cfg.num_hidden_layers + (1 if speculative else 0)
         self.cache = KVCache(cfg, max_batch, self.max_len, cache == "latent", n_cache_layers, self.dtype, self.device)
-        cos, sin = rope_cos_sin(cfg, torch.arange(self.max_len + 1, device=self.device))
-        self.cos, self.sin = cos, sin
         eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else cfg.eos_token_id
         self.eos_ids: set[int] = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
         self.slots: list[_Slot | None] = [None] * max_batch
@@ -317,46 +314,32 @@ class Engine:
         if req.on_update is not None:
             req.on_update(req)
 
-    # ---- forwards -------------------------------------------------------------------------------
+    # ---- forwards: everything goes through model(ids, positions, cache), model.logits, model.mtp_forward ----
     def _batch(self, slots: list[int], starts: list[int], lengths: list[int]) -> CacheBatch:
         S = max(lengths)
         pos = torch.full((len(slots), S), self.max_len, dtype=torch.long)  # padding -> scratch position
         for r, (st, n) in enumerate(zip(starts, lengths, strict=True)):
             pos[r, :n] = torch.arange(st, st + n)
-        return CacheBatch(slots, pos.to(self.device), max(st + n for st, n in zip(starts, lengths, strict=True)))
+        return self.cache.batch(slots, pos.to(self.device), max(st + n for st, n in zip(starts, lengths, strict=True)))
 
-    def _rope_mask(self, batch: CacheBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """cos/sin at each token's position and the mask [b,1,S,T]: key t is visible to a token at position p
-        iff t <= p (the slot's own earlier tokens; padding at the scratch position sees everything)."""
-        pos = batch.positions
-        mask = torch.arange(batch.T, device=self.device)[None, None, None, :] <= pos[:, None, :, None]
-        return self.cos[pos], self.sin[pos], mask
-
-    def _embed(self, inputs: list[list[int]]) -> torch.Tensor:
-        """Token embeddings [b, max len, H] of right-padded rows."""
+    def _token_ids(self, inputs: list[list[int]]) -> torch.Tensor:
+        """Right-padded token ids [b, max len]."""
         ids = torch.zeros(len(inputs), max(len(t) for t in inputs), dtype=torch.long)
         for r, t in enumerate(inputs):
             ids[r, : len(t)] = torch.tensor(t)
-        return self.model.model.embed_tokens(ids.to(self.device))
-
-    def _layers(self, h: torch.Tensor, batch: CacheBatch, blocks: list, first_layer: int) -> torch.Tensor:
-        cos, sin, mask = self._rope_mask(batch)
-        for k, block in enumerate(blocks):
-            h, _ = block(h, cos, sin, mask, cache=self.cache.view(first_layer + k, batch))
-        return h
+        return ids.to(self.device)
 
     def _main(self, slots: list[int], inputs: list[list[int]]) -> torch.Tensor:
         """Run the main model on new tokens per slot (positions from each slot's length); returns the hidden
         states before the final norm [b, S, H] (padding rows hold garbage)."""
         batch = self._batch(slots, [self.slots[i].length for i in slots], [len(t) for t in inputs])  # type: ignore[union-attr]
-        return self._layers(self._embed(inputs), batch, list(self.model.model.layers), 0)
+        return self.model(self._token_ids(inputs), batch.positions, batch, return_logits=False).hidden
 
     def _static_decode(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for every slot (ids/pos [max_batch, 1]; idle slots write to the scratch position): hidden
         states and logits."""
-        batch = CacheBatch(list(range(self.max_batch)), pos, self.max_len + 1)
-        h = self.model.model.embed_tokens(ids)
-        h = self._layers(h, batch, list(self.model.model.layers), 0)
+        batch = self.cache.batch(list(range(self.max_batch)), pos, self.max_len + 1)
+        h = self.model(ids, pos, batch, return_logits=False).hidden
         return h, self._logits(h)
 
     def _decode_forward(self, rows: list[int], inputs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,18 +359,21 @@ class Engine:
             return h, logits
         return h[rows], logits[rows]
 
+    def _mtp_draft(self, h_prev: torch.Tensor, ids: torch.Tensor, batch: CacheBatch,
+                   last: torch.Tensor) -> torch.Tensor:
+        """MTP module 1 over [b, S] positions; fp32 logits [b, V] at each row's position `last`."""
+        h, _ = self.model.mtp_forward(1, h_prev, ids, batch.positions, batch)
+        hl = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1)
+        return self.model.logits(hl, k=1).float()
+
     def _static_draft(self, h_prev: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
                       last: torch.Tensor) -> torch.Tensor:
-        """MTP module 1 over [max_batch, S] positions (padding at the scratch position); logits at `last`."""
-        batch = CacheBatch(list(range(self.max_batch)), pos, self.max_len + 1)
-        module = self.model.mtp[0]
-        h, _ = module(h_prev, self.model.model.embed_tokens(ids), *self._rope_mask(batch),
-                      cache=self.cache.view(self.cfg.num_hidden_layers, batch))
-        hl = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1)
-        return self.model.lm_head(module.shared_head.norm(hl)).float()
+        """The draft over all max_batch slots (padding at the scratch position): a fixed shape for compile."""
+        return self._mtp_draft(h_prev, ids, self.cache.batch(list(range(self.max_batch)), pos, self.max_len + 1),
+                               last)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(h)).float()
+        return self.model.logits(h).float()
 
     def _prefill(self, rows: list[int]) -> None:
         slots = [self.slots[i] for i in rows]
@@ -456,11 +442,8 @@ class Engine:
             h_prev = torch.zeros(len(rows), max(lengths), self.cfg.hidden_size, dtype=self.dtype, device=self.device)
             for r, hh in enumerate(hs):
                 h_prev[r, : len(hh)] = hh
-            module = self.model.mtp[0]
-            h, _ = module(h_prev, self._embed(nxt), *self._rope_mask(batch),
-                          cache=self.cache.view(self.cfg.num_hidden_layers, batch))
-            last_h = torch.stack([h[r, n - 1] for r, n in enumerate(lengths)])
-            logits = self.model.lm_head(module.shared_head.norm(last_h)).float()
+            last = torch.tensor([n - 1 for n in lengths], device=self.device)
+            logits = self._mtp_draft(h_prev, self._token_ids(nxt), batch, last)
         out: list[int | None] = []
         for r, s in enumerate(slots):
             s.mtp_length = s.length

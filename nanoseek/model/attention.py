@@ -32,6 +32,15 @@ class KVCacheView(Protocol):
     def update_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+class InferenceCache(Protocol):
+    """One forward's handle on an inference cache: the layer views and T, the number of leading cache positions
+    any token of the batch may attend to (keys beyond a token's own position are masked)."""
+
+    T: int
+
+    def layer(self, i: int) -> KVCacheView: ...
+
+
 class MLA(nn.Module):
     """Multi-head latent attention; attribute names follow the checkpoint (`self_attn.*`)."""
 
