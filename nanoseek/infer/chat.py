@@ -3,6 +3,7 @@
     text = render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], tok)
     # '<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜>'
     ids = encode_chat(messages, tok)                 # the same, tokenised (user text never becomes specials)
+    ids = encode_prompt(messages, tok)               # an inference prompt: only the template's markers are specials
     reasoning, answer = split_think(r1_output, in_think=True)
 
 The layout follows DeepSeek-V3's `tokenizer_config.json`: bos, then every system message (joined by a blank
@@ -13,7 +14,7 @@ template, an assistant turn in the history keeps only what follows its last `</t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from ..data.tokenizer import SPECIAL_TOKENS
@@ -116,14 +117,17 @@ def render_chat(
 def encode_chat(
     messages: Sequence[Mapping[str, Any]], tokenizer: Any, add_generation_prompt: bool = True,
     keep_think: bool = False, think: bool = False, return_mask: bool = False,
+    special_roles: Collection[str] = ("system", "assistant"),
 ) -> list[int] | tuple[list[int], list[int]]:
     """Token ids of `render_chat(...)`: the template's own markers become special ids, and user content is encoded
-    as plain text, so a user who types `<｜Assistant｜>` cannot forge a turn. System and assistant content may
-    contain specials (e.g. the `<think>` tags of a kept reasoning section).
+    as plain text, so a user who types `<｜Assistant｜>` cannot forge a turn. The content of the roles in
+    `special_roles` (system and assistant by default, never user) may contain specials, e.g. the `<think>` tags of
+    a kept reasoning section in SFT data; inference prompts use `encode_prompt`, where no content may.
 
     return_mask: also a 0/1 list marking what SFT trains on: assistant content and the end-of-sentence token that
     closes each assistant turn (not the system/user text or the template markers)."""
     sp = chat_specials(tokenizer)
+    special_ok = set(special_roles) - {"user"}
     ids: list[int] = []
     mask: list[int] = []
     prev = ""
@@ -132,12 +136,20 @@ def encode_chat(
             tid = tokenizer.token_to_id(text)
             new = [tid] if tid is not None else tokenizer.encode(text, allow_special=True)
         else:
-            new = tokenizer.encode(text, allow_special=kind != "user")
+            new = tokenizer.encode(text, allow_special=kind in special_ok)
         trained = kind == "assistant" or (kind == "special" and text == sp["eos"] and prev == "assistant")
         ids += new
         mask += [int(trained)] * len(new)
         prev = kind
     return (ids, mask) if return_mask else ids
+
+
+def encode_prompt(messages: Sequence[Mapping[str, Any]], tokenizer: Any, think: bool = False) -> list[int]:
+    """The prompt ids of a chat request (`nanoseek serve`, `nanoseek chat`, `nanoseek generate --chat`), with the
+    generation prompt: `encode_chat` with all message content (system, user, assistant) encoded as plain text, so
+    special tokens come only from the template. Neither a user who types `<｜Assistant｜>`, `<｜User｜>` or
+    `<｜end▁of▁sentence｜>` nor an earlier answer that echoed one can forge a turn."""
+    return encode_chat(messages, tokenizer, think=think, special_roles=())  # type: ignore[return-value]
 
 
 def split_think(text: str, in_think: bool = False) -> tuple[str, str]:

@@ -13,7 +13,9 @@ import torch
 from ..data import Tokenizer
 from ..io.paths import load_tokenizer, resolve_checkpoint
 from ..model import Transformer
+from .chat import encode_prompt
 from .engine import Engine, Request, SamplingParams
+from .runner import EngineRunner
 
 
 def load_for_inference(args: argparse.Namespace) -> tuple[Transformer, Tokenizer, Path]:
@@ -38,21 +40,32 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
                           top_p=args.top_p, seed=args.seed, stop=args.stop or ())
 
 
-def stream_text(engine: Engine, prompt_ids: list[int], params: SamplingParams, out=None) -> Request:
-    """Run one request, writing its text to `out` (stdout) as it becomes stable (stop strings never leak)."""
+def stream_text(runner: EngineRunner, prompt_ids: list[int], params: SamplingParams, out=None) -> Request:
+    """Run one request on the engine thread, writing its text to `out` (stdout) as it becomes stable (stop strings
+    never leak). ValueError for a prompt the engine refuses, RuntimeError if an engine step failed (the runner
+    logged it). If this is interrupted (Ctrl-C), the request is cancelled and its slot freed before the exception
+    goes on."""
     out = out or sys.stdout
-    req = engine.submit(prompt_ids, params)
-    sent = 0
-    while True:
-        if not req.finished:
-            engine.step()
-        text = req.stable_text(params.stop)
-        if len(text) > sent:
-            out.write(text[sent:])
+    req = runner.submit(prompt_ids, params)
+    try:
+        for piece in runner.stream(req):
+            out.write(piece)
             out.flush()
-            sent = len(text)
-        if req.finished:
-            return req
+    except BaseException:
+        runner.cancel(req)
+        try:
+            runner.result(req, timeout=30)  # the engine thread releases it at its next step
+        except (TimeoutError, RuntimeError):
+            pass
+        raise
+    if req.finish_reason == "error":
+        raise RuntimeError("generation failed (the engine step raised; see the log above)")
+    return req
+
+
+def chat_messages(system: str | None, history: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation: the system prompt (if any) and the turns so far."""
+    return ([{"role": "system", "content": system}] if system else []) + history
 
 
 def summary(req: Request, engine: Engine, t0: float) -> str:
@@ -70,70 +83,66 @@ def summary(req: Request, engine: Engine, t0: float) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     model, tok, _ = load_for_inference(args)
     engine = build_engine(model, tok, args)
-    if args.chat:
-        from .chat import render_chat
-
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": args.prompt})
-        text = render_chat(messages, tok, think=args.think)
-    else:
-        text = args.prompt
-    ids = tok.encode(text, allow_special=args.chat)
-    if not args.chat and not args.no_bos:
-        ids = [tok.bos_id] + ids
+    if args.chat:  # only the template's markers become special tokens, whatever the prompt spells
+        ids = encode_prompt(chat_messages(args.system, [{"role": "user", "content": args.prompt}]), tok,
+                            think=args.think)
+    else:  # a raw prompt: special-token strings in it are plain text too
+        ids = tok.encode(args.prompt, allow_special=False)
+        if not args.no_bos:
+            ids = [tok.bos_id] + ids
     t0 = time.time()
-    try:
-        req = stream_text(engine, ids, sampling_params(args))
-    except ValueError as e:
-        raise SystemExit(f"nanoseek: {e}") from None
+    with EngineRunner(engine) as runner:
+        try:
+            req = stream_text(runner, ids, sampling_params(args))
+        except (ValueError, RuntimeError) as e:
+            raise SystemExit(f"nanoseek: {e}") from None
     print(flush=True)
     print(summary(req, engine, t0), file=sys.stderr)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import render_chat
-
     model, tok, ckpt = load_for_inference(args)
     engine = build_engine(model, tok, args)
     params = sampling_params(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     print(f"nanoseek chat: {ckpt} ({engine.max_len}-token context). /reset clears the history, /exit quits.")
-    while True:
-        try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        if line.strip() == "/reset":
-            history.clear()
-            continue
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        ids = tok.encode(render_chat(system + history, tok, think=args.think), allow_special=True)
-        if len(ids) + 1 >= engine.max_len:
-            print("[the conversation no longer fits the context: /reset]")
-            history.pop()
-            continue
-        t0 = time.time()
-        try:
-            req = stream_text(engine, ids, params)
-        except KeyboardInterrupt:
-            print("\n[interrupted]")
-            history.pop()
-            for s in engine.slots:
-                if s is not None:
-                    s.req.cancelled = True
-            engine.step()  # frees the slot
-            continue
-        print(flush=True)
-        if args.verbose:
-            print(summary(req, engine, t0), file=sys.stderr)
-        history.append({"role": "assistant", "content": req.text})
+    with EngineRunner(engine) as runner:
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if line.strip() in ("/exit", "/quit"):
+                return 0
+            if line.strip() == "/reset":
+                history.clear()
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            # the line and the earlier answers are plain text: typing <｜Assistant｜> cannot forge a turn
+            ids = encode_prompt(chat_messages(args.system, history), tok, think=args.think)
+            if len(ids) + 1 >= engine.max_len:
+                print("[the conversation no longer fits the context: /reset]")
+                history.pop()
+                continue
+            t0 = time.time()
+            try:
+                req = stream_text(runner, ids, params)  # Ctrl-C: cancelled, its slot freed
+            except KeyboardInterrupt:
+                print("\n[interrupted]")
+                history.pop()
+                continue
+            except RuntimeError as e:
+                print(f"\n[{e}]")
+                history.pop()
+                continue
+            print(flush=True)
+            if args.verbose:
+                print(summary(req, engine, t0), file=sys.stderr)
+            history.append({"role": "assistant", "content": req.text})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from ..model import Transformer
 from .cache import CacheBatch, KVCache
+from .sampling import Detokenizer, sample_token, sample_tokens  # noqa: F401 (sample_token: re-exported)
 
 
 @dataclass
@@ -48,26 +49,6 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-def sample_token(
-    logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> int:
-    """One token from logits [V]: argmax when temperature == 0, else softmax(logits / T) restricted to the top-k
-    tokens and to the smallest set whose probability reaches top_p (nucleus)."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = logits.topk(top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # tokens after the nucleus is complete
-        logits = logits.scatter(0, order[drop], float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
 @dataclass(eq=False)
@@ -116,6 +97,7 @@ class _Slot:
     mtp_length: int = 0  # positions written in the MTP module's cache
     pending_h: list[torch.Tensor] = field(default_factory=list)  # main hidden at positions [mtp_length, length)
     generator: torch.Generator | None = None
+    detok: Detokenizer | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -297,7 +279,8 @@ class Engine:
                     req = self.waiting.popleft()
                     g = torch.Generator(device="cpu")
                     g.manual_seed(req.params.seed if req.params.seed is not None else int(torch.randint(2**62, ())))
-                    self.slots[i] = _Slot(req, list(req.prompt_ids), generator=g)
+                    detok = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
+                    self.slots[i] = _Slot(req, list(req.prompt_ids), generator=g, detok=detok)
         for req in dropped:  # outside the lock: a callback may submit
             self._notify(req)
 
@@ -390,9 +373,8 @@ class Engine:
         if done:
             last = torch.stack([h[r, len(inputs[r]) - 1] for r in done])
             logits = self._logits(last)
-            for j, r in enumerate(done):
-                s = slots[r]
-                self._accept(s, [self._sample(s, logits[j])])  # type: ignore[arg-type]
+            for s, y in zip([slots[r] for r in done], self._sample([slots[r] for r in done], logits), strict=True):
+                self._accept(s, [y])  # type: ignore[arg-type]
 
     def _decode(self, rows: list[int]) -> None:
         slots: list[_Slot] = [self.slots[i] for i in rows]  # type: ignore[misc]
@@ -400,17 +382,19 @@ class Engine:
         inputs = [[s.tokens[s.length]] + ([d] if d is not None else []) for s, d in zip(slots, drafts, strict=True)]
         h, logits = self._decode_forward(rows, inputs)
         self.stats.decode_forwards += 1
+        first = self._sample(slots, logits[:, 0])
+        # drafts go to greedy rows only, so the token after an accepted draft is the argmax at its position
+        second = logits[:, 1].argmax(-1).tolist() if logits.shape[1] > 1 else [None] * len(rows)
         for r, (s, d) in enumerate(zip(slots, drafts, strict=True)):
-            y0 = self._sample(s, logits[r, 0])
-            new = [y0]
+            new = [first[r]]
             n_in = 1
             if d is not None:
                 s.req.drafted += 1
                 self.stats.drafted += 1
-                if y0 == d:  # the draft is what the model would have produced: its logits give one more
+                if first[r] == d:  # the draft is what the model would have produced: its logits give one more
                     s.req.accepted += 1
                     self.stats.accepted += 1
-                    new.append(self._sample(s, logits[r, 1]))
+                    new.append(second[r])
                     n_in = 2
             s.length += n_in
             if self.speculative:
@@ -445,18 +429,20 @@ class Engine:
             last = torch.tensor([n - 1 for n in lengths], device=self.device)
             logits = self._mtp_draft(h_prev, self._token_ids(nxt), batch, last)
         out: list[int | None] = []
-        for r, s in enumerate(slots):
+        for s, y in zip(slots, logits.argmax(-1).tolist(), strict=True):
             s.mtp_length = s.length
             s.pending_h = []
             greedy = s.req.params.temperature <= 0
             room = s.length + 2 <= self.max_len and len(s.req.output_ids) + 1 < s.req.params.max_new_tokens
-            out.append(int(logits[r].argmax()) if greedy and room else None)
+            out.append(y if greedy and room else None)
         return out
 
     # ---- sampling and stopping ------------------------------------------------------------------
-    def _sample(self, s: _Slot, logits: torch.Tensor) -> int:
-        p = s.req.params
-        return sample_token(logits, p.temperature, p.top_k, p.top_p, s.generator)
+    def _sample(self, slots: list[_Slot], logits: torch.Tensor) -> list[int]:
+        """One token per slot from logits [b, V], sampled together on the device; one host transfer."""
+        ps = [s.req.params for s in slots]
+        return sample_tokens(logits, [p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
+                             [s.generator for s in slots]).tolist()
 
     def _accept(self, s: _Slot, new: list[int]) -> None:
         """Append sampled tokens up to a stop token / the limits; update the text; finish_reason is set last, so
@@ -476,9 +462,10 @@ class Engine:
             if len(req.output_ids) >= p.max_new_tokens or len(s.tokens) >= self.max_len:
                 reason = "length"
                 break
-        if self.tokenizer is not None:
+        if s.detok is not None:
             seen = len(req.text)
-            text = self.tokenizer.decode(req.output_ids)  # type: ignore[attr-defined]
+            s.detok.update(req.output_ids)
+            text = s.detok.finish(req.output_ids) if reason is not None else s.detok.text
             # a stop string can only newly appear in the new characters (plus the overlap of its own length)
             hits = [(at, stop) for stop in p.stop if stop and (at := text.find(stop, max(0, seen - len(stop)))) >= 0]
             if hits:

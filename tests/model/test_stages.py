@@ -38,7 +38,8 @@ def test_stages_in_sequence_equal_the_whole_model(bounds):
     got = _grads(model)
 
     assert torch.equal(out.loss, whole.loss) and torch.equal(out.main_loss, whole.main_loss)
-    assert len(out.mtp_losses) == 2 and all(torch.equal(a, b) for a, b in zip(out.mtp_losses, whole.mtp_losses))
+    assert len(out.mtp_losses) == 2
+    assert all(torch.equal(a, b) for a, b in zip(out.mtp_losses, whole.mtp_losses, strict=True))
     assert torch.equal(out.balance_loss, whole.balance_loss) and torch.equal(out.expert_load, whole.expert_load)
     assert ref.keys() == got.keys() and len(ref) == len(list(model.parameters()))
     for n in ref:
