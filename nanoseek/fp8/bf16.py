@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import Experts, Transformer
+from ..model.moe import compute_dtype, grouped_linear, swiglu
 from .convert import low_precision_sites
 
 
@@ -54,12 +55,25 @@ class Bf16EmulatedLinear(nn.Linear):
         return new
 
 
+class Bf16EmulatedExperts(Experts):
+    """Routed experts (`Experts`, same parameters) whose two grouped GEMMs see bf16 operands and write bf16 outputs,
+    computed in the high-precision grouped GEMM (see module doc); swapped in by `emulate_bf16_gemms`."""
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x_sorted: tokens grouped by expert (counts[e] rows for expert e, in order)."""
+        offs = counts.cumsum(0).to(torch.int32)
+        x = x_sorted.to(compute_dtype(x_sorted))
+        r = round_bf16
+        gate, up = r(grouped_linear(r(x), r(self.gate_up_proj), counts, offs)).chunk(2, dim=-1)
+        return r(grouped_linear(r(swiglu(gate, up)), r(self.down_proj), counts, offs))
+
+
 def emulate_bf16_gemms(model: Transformer) -> Transformer:
     """In place: the GEMMs that FP8 training quantises run as emulated BF16 GEMMs instead. Parameters are shared
     with the original modules, so an optimizer built before the call keeps working."""
     for parent, name, child in low_precision_sites(model):
         if isinstance(child, Experts):
-            child.round_operands = round_bf16
+            setattr(parent, name, Bf16EmulatedExperts.from_experts(child))
         else:
             setattr(parent, name, Bf16EmulatedLinear.from_linear(child))
     return model

@@ -11,30 +11,29 @@ from torch import nn
 
 from ..model import MLA, MLP, Experts, Transformer
 from .gemm import Backend
+from .grouped import Fp8GroupedExperts
 from .linear import Fp8Linear
 from .swiglu import fp8_swiglu
 
 
 def low_precision_sites(model: Transformer) -> Iterator[tuple[nn.Module, str, nn.Module]]:
-    """The GEMMs DeepSeek-V3 runs in FP8: (parent, name, child) for every nn.Linear of MLA and MLP (dense layers,
-    shared experts), and (experts, "", experts) for every routed-experts module."""
+    """The GEMMs DeepSeek-V3 runs in FP8 (V3 §3.3): (parent, name, child) for every plain nn.Linear of MLA and MLP
+    (dense layers, shared experts) and every plain routed-experts module (`Experts`). Modules already swapped for a
+    low-precision variant are not listed again."""
     for module in list(model.modules()):
-        if isinstance(module, (MLA, MLP)):
-            for name, child in list(module.named_children()):
-                if type(child) is nn.Linear:
-                    yield module, name, child
-        elif isinstance(module, Experts):
-            yield module, "", module
+        for name, child in list(module.named_children()):
+            if (type(child) is nn.Linear and isinstance(module, (MLA, MLP))) or type(child) is Experts:
+                yield module, name, child
 
 
 def convert_to_fp8(model: Transformer, pow2_scale: bool = False, backend: Backend = "auto") -> Transformer:
     """In place: Linear layers of MLA and MLP/shared experts become Fp8Linear (their GEMMs on `backend`, see
-    `gemm.scaled_gemm`); routed experts run FP8 GEMMs (emulated: dequantised tiles through the grouped GEMM);
-    every SwiGLU keeps its inputs in FP8 for the backward (`swiglu.fp8_swiglu`)."""
+    `gemm.scaled_gemm`); routed experts become Fp8GroupedExperts (FP8 GEMMs, emulated: dequantised tiles through the
+    grouped GEMM); every SwiGLU keeps its inputs in FP8 for the backward (`swiglu.fp8_swiglu`). The new modules hold
+    the same Parameters under the same names."""
     for parent, name, child in low_precision_sites(model):
         if isinstance(child, Experts):
-            child.fp8 = True
-            child.fp8_pow2_scale = pow2_scale
+            setattr(parent, name, Fp8GroupedExperts.from_experts(child, pow2_scale))
         else:
             setattr(parent, name, Fp8Linear.from_linear(child, pow2_scale, backend))
             if isinstance(parent, MLP):  # SwiGLU inputs kept in FP8, its output recomputed in the backward
@@ -43,6 +42,5 @@ def convert_to_fp8(model: Transformer, pow2_scale: bool = False, backend: Backen
 
 
 def count_fp8_gemms(model: Transformer) -> int:
-    """Number of FP8 GEMM sites (Fp8Linear modules + FP8 expert groups)."""
-    return sum(isinstance(m, Fp8Linear) for m in model.modules()) + sum(
-        2 * (isinstance(m, Experts) and m.fp8) for m in model.modules())
+    """Number of FP8 GEMM sites: Fp8Linear modules, plus two grouped GEMMs per Fp8GroupedExperts."""
+    return sum(isinstance(m, Fp8Linear) + 2 * isinstance(m, Fp8GroupedExperts) for m in model.modules())

@@ -185,7 +185,7 @@ def quantize_model_weights(model: Transformer) -> Transformer:
                 if isinstance(child, nn.Linear):  # also a training Fp8Linear (convert_to_fp8)
                     setattr(module, name, Fp8WeightLinear.from_linear(child))
         for name, child in list(module.named_children()):
-            if type(child) is Experts:
+            if isinstance(child, Experts):  # also a training variant (Fp8GroupedExperts, Bf16EmulatedExperts)
                 setattr(module, name, Fp8Experts.from_experts(child))
     return model
 

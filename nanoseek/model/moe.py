@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,10 @@ class Gate(nn.Module):
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
         idx = choice.topk(self.top_k, dim=-1).indices
         w = scores.gather(1, idx)
-        if self.norm_topk_prob and self.top_k > 1:
+        # V3's sigmoid gate normalises the chosen affinities for any K (V3 §2.1.2, g_i = g'_i / sum_j g'_j; so do
+        # DeepSeek's inference code and transformers' DeepseekV3), making a top-1 weight exactly `scale`; V2's
+        # softmax gate normalises only for K > 1 (its reference code's guard).
+        if self.norm_topk_prob and (self.top_k > 1 or self.score_func == "sigmoid"):
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return w * self.scale, idx
 
@@ -83,7 +87,8 @@ class Gate(nn.Module):
         return w, idx, s
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
+def grouped_mm_ok(x: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs the expert GEMMs for x's device and dtype (CPU fp32, CUDA bf16 on sm90+)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cpu":
@@ -129,7 +134,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs:
     """Rows of x sorted by expert; rows of group e are multiplied by w[e]^T.  x [N, in], w [E, out, in]."""
     dt = compute_dtype(x)
     x, w = x.to(dt), w.to(dt)
-    if _grouped_mm_ok(x):
+    if grouped_mm_ok(x):
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # compiled inference (Engine)
             return _grouped_mm_op(x, w, offs)
         return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(1, 2), offs=offs))
@@ -139,7 +144,9 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs:
 
 
 class Experts(nn.Module):
-    """All routed experts as stacked weights: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+    """All routed experts as stacked weights: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I],
+    in high precision. Low-precision variants (nanoseek.fp8: FP8 training, the emulated BF16 baseline) are
+    subclasses swapped in for this module by `from_experts`, over the same parameters."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -147,25 +154,21 @@ class Experts(nn.Module):
         self.inter = cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, 2 * self.inter, cfg.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, self.inter))
-        self.fp8 = False  # set by nanoseek.fp8.convert_to_fp8: both GEMMs (and their backward) in FP8
-        self.fp8_pow2_scale = False
-        # set by nanoseek.fp8.emulate_bf16_gemms: operands and outputs of both GEMMs rounded (BF16 baseline on a CPU)
-        self.round_operands: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @classmethod
+    def from_experts(cls, experts: Experts) -> Self:
+        """A `cls` module over the very Parameters of `experts` (same names, same objects: checkpoints and an
+        optimizer built before the swap do not notice), in the same train/eval mode."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.n_experts, new.inter = experts.n_experts, experts.inter
+        new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
+        return new.train(experts.training)
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted: tokens grouped by expert (counts[e] rows for expert e, in order)."""
         offs = counts.cumsum(0).to(torch.int32)
         x_sorted = x_sorted.to(compute_dtype(x_sorted))
-        if self.fp8 and _grouped_mm_ok(x_sorted):
-            from ..fp8.grouped import fp8_grouped_linear
-            from ..fp8.swiglu import fp8_swiglu
-
-            pow2 = self.fp8_pow2_scale
-            gate, up = fp8_grouped_linear(x_sorted, self.gate_up_proj, offs, pow2).chunk(2, dim=-1)
-            return fp8_grouped_linear(fp8_swiglu(gate, up, pow2), self.down_proj, offs, pow2)
-        if (r := self.round_operands) is not None:
-            gate, up = r(grouped_linear(r(x_sorted), r(self.gate_up_proj), counts, offs)).chunk(2, dim=-1)
-            return r(grouped_linear(r(swiglu(gate, up)), r(self.down_proj), counts, offs))
         gate, up = grouped_linear(x_sorted, self.gate_up_proj, counts, offs).chunk(2, dim=-1)
         return grouped_linear(swiglu(gate, up), self.down_proj, counts, offs)
 
@@ -181,6 +184,25 @@ def gathered_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, 
     return torch.einsum("tk,tkh->th", weights.to(y.dtype), y)
 
 
+class _PermuteTokens(torch.autograd.Function):
+    """x[order // K]: each token's row copied to its K slots, in expert order. The backward gathers each token's K
+    slot gradients through the inverse permutation and sums them over K in a fixed order. (x[order // K]'s own
+    backward is index_put(accumulate=True), whose CPU kernel adds with racing atomic float adds when multi-threaded:
+    the gradients, and so training, differed from run to run.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        (order,) = ctx.saved_tensors
+        slot = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return g.index_select(0, slot).view(-1, ctx.k, g.shape[-1]).sum(dim=1), None, None
+
+
 def dispatch_combine(
     x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
     expert_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -193,7 +215,8 @@ def dispatch_combine(
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)
     counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    y_sorted = expert_fn(x[order // K], counts)
+    x_sorted = _PermuteTokens.apply(x, order, K) if torch.is_grad_enabled() and x.requires_grad else x[order // K]
+    y_sorted = expert_fn(x_sorted, counts)
     y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, -1)
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
 
@@ -232,9 +255,9 @@ class MoE(nn.Module):
         return y.view(B, S, H), MoEStats(load, self.balance_loss(s.view(B, S, -1)))
 
     def _gather_ok(self, idx: torch.Tensor) -> bool:
-        """Inference on few tokens (decode) with plain high-precision experts."""
+        """Inference on few tokens (decode) with plain high-precision experts (not a swapped-in subclass)."""
         e = self.experts
-        return (not torch.is_grad_enabled() and type(e) is Experts and not e.fp8 and e.round_operands is None
+        return (not torch.is_grad_enabled() and type(e) is Experts
                 and idx.numel() * e.gate_up_proj[0].numel() * 3 // 2 <= GATHER_LIMIT)
 
     def balance_loss(self, s: torch.Tensor) -> torch.Tensor:

@@ -199,7 +199,7 @@ def test_quantize_model_weights_is_the_fp8_checkpoint(original, dequantised, kep
     q = quantize_model_weights(copy.deepcopy(original))
     assert all(torch.equal(_bits(t), _bits(kept.state_dict()[k])) for k, t in q.state_dict().items())
     assert isinstance(q.model.layers[0].self_attn.kv_b_proj, Fp8WeightLinear)
-    # a model converted for FP8 training (Fp8Linear, Experts.fp8) quantises the same way
+    # a model converted for FP8 training (Fp8Linear, Fp8GroupedExperts) quantises the same way
     trained = quantize_model_weights(convert_to_fp8(copy.deepcopy(original)))
     assert not any(isinstance(m, Fp8Linear) for m in trained.modules())
     assert all(torch.equal(_bits(t), _bits(kept.state_dict()[k])) for k, t in trained.state_dict().items())

@@ -31,6 +31,8 @@ CASES = {
     "v3-no-yarn-one-group": dict(rope_scaling=None, n_group=1, topk_group=1),
     "v3-mscale-0.707": dict(rope_scaling={**tiny_config().rope_scaling, "mscale": 0.707, "mscale_all_dim": 0.707}),
     "v3-two-shared-no-norm": dict(n_shared_experts=2, norm_topk_prob=False, routed_scaling_factor=1.0),
+    # top-1: the single sigmoid weight is normalised too (to 1, times the scaling factor), as in transformers
+    "v3-top1": dict(num_experts_per_tok=1, routed_scaling_factor=2.5),
     "v2-softmax-greedy": dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
                               routed_scaling_factor=1.0, n_group=1, topk_group=1, q_lora_rank=None,
                               n_shared_experts=2),

@@ -9,8 +9,8 @@ from nanoseek.model.moe import Gate, update_bias
 
 
 def _gate(**kw) -> Gate:
-    cfg = tiny_config(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2,
-                      routed_scaling_factor=2.5, **kw)
+    cfg = tiny_config(**{"n_routed_experts": 8, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 2,
+                         "routed_scaling_factor": 2.5, **kw})
     return Gate(cfg)
 
 
@@ -43,6 +43,17 @@ def test_bias_changes_choice_not_weights():
     # weights come from the unbiased scores: 0.8 and 0.3, normalised, times 2.5
     assert by_expert[4] == pytest.approx(0.8 / 1.1 * 2.5, rel=1e-6)
     assert by_expert[7] == pytest.approx(0.3 / 1.1 * 2.5, rel=1e-6)
+
+
+def test_top1_sigmoid_weight_is_normalised_softmax_is_not():
+    """V3's sigmoid gate normalises the chosen affinities for any K (official inference code, transformers'
+    DeepseekV3): at top-1 the weight is exactly the scaling factor. V2's softmax gate normalises for K > 1 only."""
+    w, idx = _gate(num_experts_per_tok=1).route(S)
+    assert idx[0].tolist() == [0] and w[0].tolist() == [2.5]
+    w, _ = _gate(num_experts_per_tok=1, norm_topk_prob=False).route(S)
+    assert w[0].tolist() == [pytest.approx(0.9 * 2.5)]
+    w, _ = _gate(num_experts_per_tok=1, scoring_func="softmax", topk_method="group_limited_greedy").route(S)
+    assert w[0].tolist() == [pytest.approx(0.9 * 2.5)]
 
 
 def test_softmax_group_limited_uses_group_max():
