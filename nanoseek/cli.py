@@ -18,27 +18,22 @@ FP8_HELP = ("DeepSeek-V3's FP8 recipe: FP8 GEMMs with 1x128 / 128x128 scales (em
 
 def _resolve_config(spec: str):
     from .io import read_config
-    from .model import PRESETS, preset
+    from .model import PRESETS, ConfigError, preset
 
     p = Path(spec)
     if p.exists():
         return read_config(p)
     if spec in PRESETS:
         return preset(spec)
-    raise SystemExit(f"nanoseek: {spec}: not a config.json, a checkpoint directory, or a preset "
-                     f"({', '.join(PRESETS)})")
+    raise ConfigError(f"{spec}: not a config.json, a checkpoint directory, or a preset ({', '.join(PRESETS)})")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .model.config import ConfigError
     from .model.stats import format_stats, model_stats
 
     results = {}
     for spec in args.configs:
-        try:
-            cfg = _resolve_config(spec)
-        except ConfigError as e:
-            raise SystemExit(f"nanoseek: {e}") from None
+        cfg = _resolve_config(spec)
         st = model_stats(cfg, seq_len=args.seq_len, bytes_per_elem=args.cache_bytes)
         results[spec] = st.to_dict()
         if not args.json:
@@ -88,18 +83,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .data import prepare_corpus
-    from .model.config import ConfigError
     from .train import TrainConfig, Trainer, apply_overrides
 
-    try:
-        model_cfg = _resolve_config(args.preset)
-        train_cfg = TrainConfig(seed=args.seed)
-        sets = (list(FP8_RECIPE) if args.fp8 else []) + list(args.set or [])  # --set wins over the recipe
-        if args.steps is not None:
-            sets.append(f"steps={args.steps}")
-        model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets)
-    except ConfigError as e:
-        raise SystemExit(f"nanoseek: {e}") from None
+    model_cfg = _resolve_config(args.preset)
+    train_cfg = TrainConfig(seed=args.seed)
+    sets = (list(FP8_RECIPE) if args.fp8 else []) + list(args.set or [])  # --set wins over the recipe
+    if args.steps is not None:
+        sets.append(f"steps={args.steps}")
+    model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets)
     out = Path(args.out)
     data = [Path(d) for d in args.data] if args.data else []
     if len(data) == 1 and (data[0] / "data.json").is_file():
@@ -118,7 +109,10 @@ def _train_and_report(trainer, out: Path, loss_name: str) -> int:
     result = trainer.run()
     state = "interrupted" if result.interrupted else "done"
     held = f"{result.final_heldout_loss:.4f}" if result.final_heldout_loss is not None else "n/a"
-    print(f"{state}: {result.steps_done}/{trainer.cfg.steps} steps, {result.tokens:,} tokens in "
+    budget = getattr(trainer, "budget", None)
+    done = (f"{result.steps_done} steps ({budget.seconds:.0f} s budget)" if budget is not None
+            else f"{result.steps_done}/{trainer.cfg.steps} steps")
+    print(f"{state}: {done}, {result.tokens:,} tokens in "
           f"{result.seconds:.0f} s, {loss_name} {held}; metrics {out / 'metrics.jsonl'}, plots {out / 'loss.png'}, "
           f"checkpoints {out / 'checkpoints'}")
     return 0
@@ -127,20 +121,16 @@ def _train_and_report(trainer, out: Path, loss_name: str) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     from .io import read_config
     from .io.paths import load_tokenizer, resolve_checkpoint
-    from .model.config import ConfigError
     from .train import TrainConfig, Trainer, apply_overrides
     from .train.sft import SFT_DEFAULTS, SFTDataError, prepare_sft
 
     init = resolve_checkpoint(args.init)
-    tok = load_tokenizer(init, args.tokenizer)
     out = Path(args.out)
-    try:
-        model_cfg = read_config(init)
-        train_cfg = TrainConfig(**{**SFT_DEFAULTS, "seed": args.seed, "init_from": str(init)})
-        sets = list(args.set or []) + ([f"steps={args.steps}"] if args.steps is not None else [])
-        model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets)
-    except ConfigError as e:
-        raise SystemExit(f"nanoseek: {e}") from None
+    model_cfg = read_config(init)
+    train_cfg = TrainConfig(**{**SFT_DEFAULTS, "seed": args.seed, "init_from": str(init)})
+    sets = list(args.set or []) + ([f"steps={args.steps}"] if args.steps is not None else [])
+    model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets)
+    tok = load_tokenizer(init, args.tokenizer)
     data_dir = out / "data"
     if not (args.resume and (data_dir / "data.json").is_file()):
         try:
@@ -157,41 +147,18 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return _train_and_report(trainer, out, "held-out loss on assistant tokens")
 
 
-def _key_values(items: list[str] | None, flag: str) -> dict:
-    """KEY=VALUE options (task knobs, GRPO settings), values parsed as `--set` parses them."""
-    from .train.config import parse_value
-
-    out = {}
-    for item in items or []:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise SystemExit(f"nanoseek: {flag} expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = parse_value(value)
-    return out
-
-
 def cmd_grpo(args: argparse.Namespace) -> int:
-    import dataclasses
-
+    from .config import override, parse_assignments
     from .io import load_checkpoint
     from .io.paths import load_tokenizer, resolve_checkpoint
     from .rl.grpo import GRPOConfig, GRPOTrainer
 
+    # the configuration first: a bad --task / --knob / --set fails before any checkpoint is read
+    steps = {} if args.steps is None else {"steps": args.steps}
+    cfg = GRPOConfig(task=args.task, task_knobs=parse_assignments(args.knob, "--knob"), seed=args.seed, **steps)
+    cfg = override(cfg, parse_assignments(args.set, "--set"), "GRPO setting")
     init = resolve_checkpoint(args.init)
     tok = load_tokenizer(init, args.tokenizer)
-    kw: dict = {"task": args.task, "seed": args.seed}
-    if args.steps is not None:
-        kw["steps"] = args.steps
-    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
-    try:
-        kw["task_knobs"] = _key_values(args.knob, "--knob")
-        for key, value in _key_values(args.set, "--set").items():
-            if key not in fields:
-                raise ValueError(f"unknown GRPO setting {key!r}; known: {', '.join(sorted(fields))}")
-            kw[key] = value
-        cfg = GRPOConfig(**kw)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"nanoseek: {e}") from None
     trainer = GRPOTrainer(load_checkpoint(init), tok, cfg, args.out, resume=args.resume)
     records = trainer.run()
     evals = [r for r in records if r["kind"] == "eval"]
@@ -205,17 +172,22 @@ def cmd_grpo(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     import itertools
 
-    from .io import load_checkpoint
+    from .config import parse_assignments
+    from .io import load_checkpoint, read_config
     from .io.paths import load_tokenizer, resolve_checkpoint
     from .rl.distill import EndpointTeacher, EngineTeacher, distill
-    from .rl.tasks import generate, load_jsonl
+    from .rl.tasks import check_knobs, generate, load_jsonl
+    from .train import TrainConfig, apply_overrides
+    from .train.sft import SFT_DEFAULTS
 
     out = Path(args.out)
     if args.problems:
         problems = load_jsonl(args.problems, limit=args.n)
     else:
-        knobs = _key_values(args.knob, "--knob")
+        knobs = check_knobs(args.task, parse_assignments(args.knob, "--knob"))
         problems = list(itertools.islice(generate(args.task, seed=args.seed, **knobs), args.n))
+    if args.student and args.set:  # the student's SFT overrides, checked before the teacher runs
+        apply_overrides(read_config(resolve_checkpoint(args.student)), TrainConfig(**SFT_DEFAULTS), args.set)
     if args.teacher.startswith(("http://", "https://")):
         if not args.teacher_model:
             raise SystemExit("nanoseek: an endpoint teacher needs --teacher-model")
@@ -313,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("grpo", help="GRPO with rule-based rewards on a verifiable task (R1-Zero recipe)")
     p.add_argument("--init", required=True, help="checkpoint to start from (dir or training output)")
     p.add_argument("--out", required=True)
-    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown")
+    p.add_argument("--task", default="arithmetic", help="arithmetic | countdown (nanoseek.rl.GENERATORS)")
     p.add_argument("--knob", action="append", metavar="KEY=VALUE", help="task difficulty, e.g. digits=1")
     p.add_argument("--tokenizer")
     p.add_argument("--steps", type=int)
@@ -347,7 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     add_parsers(sub)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:  # a bad value or name: one line, and argparse's exit status for usage errors
+        parser.exit(2, f"nanoseek: {e}\n")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import ConfigError, parse_field
+
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 
@@ -29,8 +31,18 @@ _HF_PASSTHROUGH = {
 }
 
 
-class ConfigError(ValueError):
-    """A model configuration that is malformed or inconsistent; the message names the field."""
+# The official DeepSeek-V3 repository's inference/configs/config_{16B,236B,671B}.json use the names of the
+# ModelArgs dataclass of its inference/model.py; a key a file leaves out takes that dataclass's default (V2-Lite's
+# sizes). max_batch_size / max_seq_len size the KV cache of its generate.py; dtype / scale_fmt its weight format.
+OFFICIAL_DEFAULTS: dict[str, Any] = {
+    "max_batch_size": 8, "max_seq_len": 4096 * 4, "dtype": "bf16", "scale_fmt": None,
+    "vocab_size": 102400, "dim": 2048, "inter_dim": 10944, "moe_inter_dim": 1408, "n_layers": 27,
+    "n_dense_layers": 1, "n_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2, "n_activated_experts": 6,
+    "n_expert_groups": 1, "n_limited_groups": 1, "score_func": "softmax", "route_scale": 1.0,
+    "q_lora_rank": 0, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "original_seq_len": 4096, "rope_theta": 10000.0, "rope_factor": 40, "beta_fast": 32, "beta_slow": 1,
+    "mscale": 1.0,
+}
 
 
 @dataclass
@@ -138,6 +150,9 @@ class ModelConfig:
         for name in ["norm_topk_prob", "tie_word_embeddings", "attention_bias", "rope_interleave", "seq_aux"]:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.tie_word_embeddings:
+            raise ConfigError("tie_word_embeddings must be false, got True: tied input/output embeddings are not "
+                              "implemented (DeepSeek checkpoints keep a separate output head)")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         if self.scoring_func not in SCORING_FUNCS:
@@ -215,7 +230,7 @@ class ModelConfig:
         """
         if not isinstance(d, dict):
             raise ConfigError(f"a model config must be a JSON object, got {type(d).__name__}")
-        d = dict(d)
+        d = _from_official(d) if _OFFICIAL_ONLY & d.keys() else dict(d)
         names = {f.name for f in dataclasses.fields(cls)}
         params = d.pop("rope_parameters", None)
         if params is not None:
@@ -272,12 +287,71 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    @staticmethod
+    def parse_field(name: str, text: str) -> Any:
+        """The text of a `--set` value for field `name`, typed by its annotation (nanoseek.config)."""
+        return parse_field(ModelConfig, name, text)
+
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """m = 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1)."""
     if factor <= 1:
         return 1.0
     return 0.1 * mscale * math.log(factor) + 1.0
+
+
+_OFFICIAL_ONLY = OFFICIAL_DEFAULTS.keys() - {f.name for f in dataclasses.fields(ModelConfig)} - {"dtype"}
+
+
+def _from_official(d: dict[str, Any]) -> dict[str, Any]:
+    """An official inference/configs/config_*.json (ModelArgs names, see OFFICIAL_DEFAULTS) as Hugging Face fields,
+    following how DeepSeek-V3's inference/model.py builds the model from it."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    hf_only = sorted(k for k in d if k not in OFFICIAL_DEFAULTS and (k in names or k in _HF_PASSTHROUGH))
+    if hf_only:
+        official = sorted(_OFFICIAL_ONLY & d.keys())
+        raise ConfigError(f"config mixes DeepSeek inference keys ({', '.join(official)}) with Hugging Face keys "
+                          f"({', '.join(hf_only)}): use one layout")
+    unknown = sorted(d.keys() - OFFICIAL_DEFAULTS.keys())  # inference/generate.py's ModelArgs(**json) rejects them
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in a DeepSeek inference config (ModelArgs of "
+                          f"inference/model.py); known: {', '.join(OFFICIAL_DEFAULTS)}")
+    a = {**OFFICIAL_DEFAULTS, **d}
+    if a["dtype"] not in ("bf16", "fp8"):
+        raise ConfigError(f"dtype must be bf16 or fp8, got {a['dtype']!r}")
+    if a["score_func"] not in SCORING_FUNCS:
+        raise ConfigError(f"score_func must be one of {', '.join(SCORING_FUNCS)}, got {a['score_func']!r}")
+    # Gate: the score-correction bias of auxiliary-loss-free balancing (V3 §2.1.2) exists only at dim 7168 (V3);
+    # with it, a group scores the sum of its top-2 experts (noaux_tc), without it its best expert (V2's
+    # device-limited routing, V2 §2.2.2). Only sigmoid gates renormalise the selected weights (V3 §2.1.2).
+    if a["dim"] == 7168:
+        topk_method = "noaux_tc"
+    else:
+        topk_method = "group_limited_greedy" if a["n_expert_groups"] > 1 else "greedy"
+    # YaRN (V3 §4.3) is on when the context exceeds original_seq_len; the context is max_seq_len when the file
+    # sets it, else the full extended length original_seq_len * rope_factor (the Hugging Face configs' 163840).
+    max_len = d.get("max_seq_len", int(a["original_seq_len"] * a["rope_factor"]))
+    yarn = None
+    if max_len > a["original_seq_len"]:
+        yarn = {"type": "yarn", "factor": float(a["rope_factor"]),
+                "original_max_position_embeddings": a["original_seq_len"], "beta_fast": float(a["beta_fast"]),
+                "beta_slow": float(a["beta_slow"]), "mscale": float(a["mscale"]), "mscale_all_dim": float(a["mscale"])}
+    return {
+        "vocab_size": a["vocab_size"], "hidden_size": a["dim"], "intermediate_size": a["inter_dim"],
+        "moe_intermediate_size": a["moe_inter_dim"], "num_hidden_layers": a["n_layers"],
+        "first_k_dense_replace": a["n_dense_layers"], "num_attention_heads": a["n_heads"],
+        "q_lora_rank": a["q_lora_rank"] or None, "kv_lora_rank": a["kv_lora_rank"],
+        "qk_nope_head_dim": a["qk_nope_head_dim"], "qk_rope_head_dim": a["qk_rope_head_dim"],
+        "v_head_dim": a["v_head_dim"], "n_routed_experts": a["n_routed_experts"],
+        "n_shared_experts": a["n_shared_experts"], "num_experts_per_tok": a["n_activated_experts"],
+        "n_group": a["n_expert_groups"], "topk_group": a["n_limited_groups"],
+        "routed_scaling_factor": a["route_scale"], "scoring_func": a["score_func"], "topk_method": topk_method,
+        "norm_topk_prob": a["score_func"] == "sigmoid",
+        "num_nextn_predict_layers": 0,  # inference/model.py builds no multi-token-prediction module
+        "max_position_embeddings": max_len, "rope_theta": a["rope_theta"], "rope_scaling": yarn,
+        "rms_norm_eps": 1e-6,  # RMSNorm's default there
+        "bos_token_id": None, "eos_token_id": None,  # not in the file: the tokenizer names them
+    }
 
 
 def _normalise_rope_scaling(rs: dict[str, Any]) -> dict[str, Any]:

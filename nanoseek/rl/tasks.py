@@ -14,15 +14,17 @@ and the knobs.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import random
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
+from ..config import ConfigError, check_value, parse_value, type_hints, unknown_key
 from ..data import iter_jsonl
 from .rewards import find_boxed
 
@@ -85,10 +87,10 @@ def _think_answer(think: str, answer: str) -> str:
     return f"<think>\n{think.strip()}\n</think> <answer>{answer}</answer>"
 
 
-def _span(x: int | tuple[int, int]) -> tuple[int, int]:
+def _span(x: int | tuple[int, int], name: str) -> tuple[int, int]:
     lo, hi = (x, x) if isinstance(x, int) else x
     if not 1 <= lo <= hi:
-        raise ValueError(f"bad range {x!r}")
+        raise ConfigError(f"{name} must be an integer >= 1 or a range lo,hi with 1 <= lo <= hi, got {x!r}")
     return lo, hi
 
 
@@ -124,8 +126,8 @@ def arithmetic_problem(
     ``n_operands`` (int or range), ``ops`` (subset of ``+-*/``). Usual precedence; divisions are exact (a dividend
     is a multiple of its divisors, so it may have more digits than ``digits``); the answer can be negative."""
     if not ops or set(ops) - set("+-*/"):
-        raise ValueError(f"ops must be a non-empty subset of '+-*/', got {ops!r}")
-    dg, n = _span(digits), rng.randint(*_span(n_operands))
+        raise ConfigError(f"ops must be a non-empty subset of '+-*/', got {ops!r}")
+    dg, n = _span(digits, "digits"), rng.randint(*_span(n_operands, "n_operands"))
     nums = [_operand(rng, dg) for _ in range(n)]
     opers = [rng.choice(ops) for _ in range(n - 1)]
     start = 0  # first operand of the current * / run: multiply it by each divisor of the run
@@ -154,8 +156,12 @@ def countdown_problem(
     results are positive integers (the worked solution). Knobs: ``n_numbers``, ``max_number`` (numbers in
     1..max_number), ``target_range``, ``ops``."""
     if not ops or set(ops) - set("+-*/"):
-        raise ValueError(f"ops must be a non-empty subset of '+-*/', got {ops!r}")
-    lo_n, hi_n = _span(n_numbers)
+        raise ConfigError(f"ops must be a non-empty subset of '+-*/', got {ops!r}")
+    lo_n, hi_n = _span(n_numbers, "n_numbers")
+    if max_number < 1:
+        raise ConfigError(f"max_number must be a positive integer, got {max_number!r}")
+    if not target_range[0] <= target_range[1]:
+        raise ConfigError(f"target_range must be lo,hi with lo <= hi, got {target_range!r}")
     for _ in range(max_tries):
         numbers = [rng.randint(1, max_number) for _ in range(rng.randint(lo_n, hi_n))]
         pool = [(x, str(x), True) for x in numbers]  # (value, expression, is a bare number)
@@ -182,10 +188,34 @@ def countdown_problem(
                  + f"\nThat uses every number exactly once: {expr} = {target}.")
         key = f"{sorted(numbers)}->{target}"
         return _make("countdown", key, question, _think_answer(think, expr), numbers=tuple(numbers), target=target)
-    raise ValueError("could not build a Countdown problem with these knobs; widen target_range or max_number")
+    raise ConfigError("could not build a Countdown problem with these knobs; widen target_range or max_number")
 
 
 GENERATORS: dict[str, Callable[..., Problem]] = {"arithmetic": arithmetic_problem, "countdown": countdown_problem}
+
+
+def task_knobs(task: str) -> dict[str, Any]:
+    """The difficulty knobs of generator ``task`` and their annotations (its keyword parameters after ``rng``)."""
+    if task not in GENERATORS:
+        raise ConfigError(f"task must be one of {', '.join(GENERATORS)}, got {task!r}")
+    hints = type_hints(GENERATORS[task])
+    return {name: hints[name] for name in list(inspect.signature(GENERATORS[task]).parameters)[1:]}
+
+
+def check_knobs(task: str, knobs: Mapping[str, Any]) -> dict[str, Any]:
+    """``knobs`` checked against generator ``task``: a known task, known knob names, values of the knob's type (text,
+    as from ``--knob digits=1,2``, is parsed by it), and values the generator accepts (one problem is built).
+    Raises a one-line ConfigError naming the task or the knob."""
+    allowed = task_knobs(task)
+    out = {}
+    for name, value in knobs.items():
+        if name not in allowed:
+            raise unknown_key(name, allowed, f"{task} knob")
+        tp = allowed[name]
+        out[name] = parse_value(name, tp, value) if isinstance(value, str) and tp is not str else (
+            check_value(name, tp, value))
+    GENERATORS[task](random.Random(0), **out)
+    return out
 
 
 def generate(
@@ -196,6 +226,7 @@ def generate(
     repeats (raises ValueError when the knobs' problem space is too small to give ``n``)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    knobs = check_knobs(task, knobs)
     make = GENERATORS[task]
     rng = random.Random(seed)
     seen: set[str] = set()

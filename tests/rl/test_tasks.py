@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from nanoseek.config import ConfigError
 from nanoseek.rl.rewards import accuracy_reward, countdown_reward, evaluate_countdown
 from nanoseek.rl.tasks import (
     HELDOUT_FRACTION,
     arithmetic_problem,
+    check_knobs,
     countdown_problem,
     generate,
     heldout_set,
@@ -18,6 +20,7 @@ from nanoseek.rl.tasks import (
     load_jsonl,
     load_math,
     r1_zero_prompt,
+    task_knobs,
 )
 
 DATA = Path(__file__).parents[3] / "shared" / "data"
@@ -89,6 +92,28 @@ def test_arithmetic_answers_are_correct():
         arithmetic_problem(random.Random(0), ops="^")
     with pytest.raises(ValueError):
         countdown_problem(random.Random(0), max_number=2, target_range=(1000, 2000), max_tries=50)
+
+
+def test_knobs_are_checked_by_name_type_and_value():
+    assert list(task_knobs("arithmetic")) == ["digits", "n_operands", "ops"]
+    # text (from --knob) is parsed by the knob's annotation; Python values are checked and lists become tuples
+    assert check_knobs("arithmetic", {"digits": "1,2", "n_operands": "3", "ops": "+-"}) == {
+        "digits": (1, 2), "n_operands": 3, "ops": "+-"}
+    assert check_knobs("countdown", {"target_range": [1, 50]}) == {"target_range": (1, 50)}
+    for task, knobs, message in [
+        ("foo", {}, "task must be one of arithmetic, countdown, got 'foo'"),
+        ("arithmetic", {"digit": 1}, "unknown arithmetic knob 'digit'; did you mean 'digits'\? valid: digits, "
+                                     "n_operands, ops"),
+        ("arithmetic", {"digits": "two"}, "digits must be an integer or 2 comma-separated values, each an integer, "
+                                          "got 'two'"),
+        ("arithmetic", {"digits": 0}, "digits must be an integer >= 1 or a range"),
+        ("countdown", {"max_number": 0}, "max_number must be a positive integer, got 0"),
+        ("countdown", {"target_range": "50,1"}, "target_range must be lo,hi with lo <= hi"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_knobs(task, knobs)
+        with pytest.raises(ConfigError, match=message):  # the generators' own entry point checks them too
+            next(generate(task, **knobs))
 
 
 @pytest.mark.skipif(not (DATA / "gsm8k_test.jsonl").exists(), reason="shared GSM8K data not available")
