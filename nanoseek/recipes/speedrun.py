@@ -1,9 +1,14 @@
-"""`nanoseek speedrun`: tokenizer -> corpus -> pre-training of a DeepSeek-V3-style model -> report, on one machine."""
+"""`nanoseek speedrun`: tokenizer -> corpus -> pre-training of a DeepSeek-V3-style model -> report, on one machine.
+
+The pre-training is time-budgeted (nanoseek.train.loop.TimeBudget): its schedules (V3 §4.2: LR warm-up / constant /
+cosine / tails, the batch ramp, the MTP-lambda switch, the bias freeze) follow the fraction of the budget spent, and it
+stops when the next step would not fit. The number of steps is whatever the machine manages: a machine busy for the
+first minutes slows the first steps, it does not shorten the run. `--steps N` makes it a step-driven run instead.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,20 +21,12 @@ from ..infer.sample import generate_simple
 from ..model import preset
 from ..model.stats import model_stats
 from ..train.config import TrainConfig, apply_overrides
+from ..train.loop import TimeBudget
 from ..train.trainer import Trainer
 
-
-def _calibrate(model_cfg, train_cfg: TrainConfig, data_dir: Path, scratch: Path) -> float:
-    """Seconds per optimizer step, from two timed steps of a throwaway run."""
-    cfg = TrainConfig.from_dict({**train_cfg.to_dict(), "steps": 1000, "batch_ramp_frac": 0.0})
-    t = Trainer(model_cfg, cfg, data_dir, scratch, progress=False)
-    t.train_step()  # warm-up
-    t0 = time.perf_counter()
-    t.train_step()
-    t.train_step()
-    dt = (time.perf_counter() - t0) / 2
-    shutil.rmtree(scratch, ignore_errors=True)
-    return dt
+REPORT_SECONDS = 75  # kept out of the pre-training budget for the evaluation and the report
+MIN_BUDGET_SECONDS = 30.0
+STEP_CAP = 10**9  # a time-budgeted run's steps are capped only by its budget
 
 
 def speedrun(
@@ -53,16 +50,23 @@ def speedrun(
     tok = Tokenizer.load(data_dir / "tokenizer.json")
     if tok.vocab_size != model_cfg.vocab_size:
         model_cfg = model_cfg.replace(vocab_size=tok.vocab_size)
-    budget = minutes * 60 - (time.perf_counter() - t_start) - 75  # keep time for evaluation and the report
+    budget: TimeBudget | None = None
     if steps is None:
-        per_step = _calibrate(model_cfg, train_cfg, data_dir, out / ".calibrate")
-        steps = max(20, int(budget / per_step))
-        print(f"[2/4] {per_step:.2f} s/step -> {steps} steps in the {budget / 60:.1f}-minute budget")
-    train_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), "steps": steps,
-                                       "eval_every": max(1, steps // 10), "ckpt_every": max(1, steps // 4)})
-    print(f"[3/4] pre-training {preset_name} ({model_stats(model_cfg).total_params / 1e6:.1f}M params) "
-          f"for {steps} steps")
-    trainer = Trainer(model_cfg, train_cfg, data_dir, out / "pretrain")
+        seconds = minutes * 60 - (time.perf_counter() - t_start) - REPORT_SECONDS
+        if seconds < MIN_BUDGET_SECONDS:
+            print(f"[2/4] {seconds:.0f} s left for pre-training; taking {MIN_BUDGET_SECONDS:.0f} s")
+            seconds = MIN_BUDGET_SECONDS
+        # held-out evaluation every 10% of the budget, a checkpoint every 25%
+        budget = TimeBudget(seconds, eval_every=0.1, ckpt_every=0.25)
+        train_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), "steps": STEP_CAP})
+        print(f"[2/4] a {seconds / 60:.1f}-minute budget for pre-training: the schedules follow the time spent")
+        plan = f"for {seconds / 60:.1f} minutes"
+    else:
+        train_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), "steps": steps,
+                                           "eval_every": max(1, steps // 10), "ckpt_every": max(1, steps // 4)})
+        plan = f"for {steps} steps"
+    print(f"[3/4] pre-training {preset_name} ({model_stats(model_cfg).total_params / 1e6:.1f}M params) {plan}")
+    trainer = Trainer(model_cfg, train_cfg, data_dir, out / "pretrain", budget=budget)
     result = trainer.run()
     model = trainer.model.eval()
     print("[4/4] evaluation and report")
@@ -76,6 +80,7 @@ def speedrun(
     train_recs = [r for r in result.history if r.get("kind") == "train"]
     summary = {
         "preset": preset_name, "params": model_stats(model_cfg).total_params, "steps": result.steps_done,
+        "budget_seconds": round(budget.seconds, 1) if budget is not None else None,
         "tokens": sum(r["tokens"] for r in train_recs), "train_seconds": round(result.seconds, 1),
         "tokens_per_s": round(sum(r["tokens"] for r in train_recs) / max(result.seconds, 1e-9)),
         "final_train_loss": train_recs[-1]["main_loss"] if train_recs else None,
@@ -110,6 +115,8 @@ def _write_report(out: Path, s: dict[str, Any], fim, samples: list[tuple[str, st
         f"| optimizer steps | {s['steps']} |",
         f"| training tokens | {s['tokens']:,} |",
         f"| training time | {s['train_seconds']} s ({s['tokens_per_s']:,} tokens/s) |",
+        *([f"| pre-training budget | {s['budget_seconds']} s (schedules follow the time spent) |"]
+          if s.get("budget_seconds") else []),
         f"| final train loss (main) | {s['final_train_loss']:.4f} |",
         f"| held-out loss | {s['heldout_loss']:.4f} (perplexity {2.718281828 ** s['heldout_loss']:.1f}) |",
         f"| FIM exact match (held-out lines) | {100 * s['fim_exact_match']:.1f}% of {s['fim_cases']} |",

@@ -9,82 +9,37 @@ step so a resumed run draws the same samples) -> rewards -> advantages A_i = (r_
 old log-probs (pi_old = the policy that sampled) and reference log-probs -> mu optimisation passes over the batch
 -> metrics (reward, accuracy, format rate, length, KL, clip fraction, entropy) to metrics.jsonl. The reference is
 refreshed from the policy every ref_refresh_every steps. Checkpoints hold the policy, optimizer, RNG and reference.
+
+The run / save / resume / signal code is the pre-training Trainer's (nanoseek.train.loop.RunLoop). With
+`max_minutes` the run is time-budgeted: it stops when the next training step would exceed the budget (evaluation and
+checkpoints are not counted), the progress bar shows seconds spent / budget, and a resumed run continues with the
+seconds its checkpoint had left.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import json
-import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from ..infer.chat import encode_chat
 from ..infer.engine import Engine, SamplingParams
 from ..model import Transformer
-from ..train.checkpoint import load_latest, restore_optimizer, save_training_checkpoint, set_rng_state
+from ..train.checkpoint import load_latest
+from ..train.loop import RunLoop, TimeBudget
 from ..train.metrics import MetricsLog, read_metrics
+from .config import GRPOConfig
 from .grpo_loss import all_equal_fraction, group_advantages, grpo_loss
 from .rewards import accuracy_reward, countdown_reward, format_reward
 from .tasks import Problem, generate, heldout_set
-
-
-@dataclass
-class GRPOConfig:
-    """Defaults are sized for a tiny model on a CPU; R1-Zero used lr 3e-6, beta 0.001, G 16, 32 questions."""
-
-    task: str = "arithmetic"  # a nanoseek.rl.GENERATORS name
-    task_knobs: dict[str, Any] = field(default_factory=dict)  # e.g. {"digits": 1, "n_operands": 2}
-    template: str = "chat"  # "chat": the question as a user turn; "r1-zero": the R1-Zero prompt as plain text
-    steps: int = 50
-    questions_per_step: int = 8
-    group_size: int = 8
-    mu: int = 1  # optimisation passes per sampled batch (mu = 1: ratio is 1, clipping inactive)
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    beta: float = 0.0  # KL weight (R1-Zero: 0.001)
-    eps_low: float = 0.2
-    eps_high: float | None = None  # DAPO: 0.28
-    aggregation: str = "grpo"  # grpo | dapo | dr_grpo
-    scale_std: bool = True  # Dr. GRPO: False
-    format_weight: float = 0.1  # reward = accuracy + format_weight * format
-    temperature: float = 1.0
-    top_p: float | None = None
-    max_new_tokens: int = 48
-    micro_batch: int = 32  # sequences per forward/backward
-    ref_refresh_every: int = 400
-    eval_every: int = 10
-    eval_n: int = 200
-    ckpt_every: int = 25
-    keep_last: int = 2
-    seed: int = 0
-    max_minutes: float | None = None  # wall-clock budget for training steps (evaluation excluded); then stop
-
-    def __post_init__(self) -> None:
-        if self.aggregation not in ("grpo", "dapo", "dr_grpo"):
-            raise ValueError(f"aggregation must be grpo, dapo or dr_grpo, got {self.aggregation!r}")
-        if self.template not in ("chat", "r1-zero"):
-            raise ValueError(f"template must be 'chat' or 'r1-zero', got {self.template!r}")
-        for name in ("steps", "questions_per_step", "group_size", "mu", "max_new_tokens", "micro_batch",
-                     "eval_every", "eval_n", "ckpt_every", "ref_refresh_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise ValueError("group_size must be >= 2 (advantages are relative within a group)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def problem_prompt(problem: Problem, tokenizer: Any, template: str) -> list[int]:
@@ -104,16 +59,19 @@ def score(problem: Problem, completion: str, format_weight: float) -> tuple[floa
     return acc + format_weight * fmt, acc, fmt
 
 
-class GRPOTrainer:
+class GRPOTrainer(RunLoop):
+    desc = "grpo"
+    budget_counts_overhead = False  # max_minutes budgets the training steps; evaluation is excluded
+    evaluate_first = True  # held-out accuracy before the first step
+
     def __init__(self, model: Transformer, tokenizer: Any, cfg: GRPOConfig, out_dir: str | Path,
                  resume: bool = False, progress: bool = True, reward_fn: Callable[..., float] | None = None) -> None:
         """reward_fn: a reward `(prompt, completion, **problem fields) -> float` replacing the task's default
         (accuracy + format_weight * format); accuracy and format rate are still reported."""
-        self.cfg, self.tok, self.progress, self.reward_fn = cfg, tokenizer, progress, reward_fn
+        self.cfg, self.tok, self.reward_fn = cfg, tokenizer, reward_fn
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.ckpt_root = self.out / "checkpoints"
-        self.step = 0
+        self._init_loop(self.out, TimeBudget(cfg.max_minutes * 60) if cfg.max_minutes is not None else None, progress)
         torch.manual_seed(cfg.seed)
         resumed = load_latest(self.ckpt_root) if resume else None
         if resumed is not None:
@@ -123,13 +81,10 @@ class GRPOTrainer:
                                            weight_decay=cfg.weight_decay)
         self.ref = copy.deepcopy(self.model).requires_grad_(False) if cfg.beta > 0 else None
         if resumed is not None:
-            restore_optimizer(self.optimizer, opt_tensors, state["optimizer"])
-            set_rng_state(rng, state["rng"])
-            self.step = state["step"]
+            # the budget is the config's (max_minutes); the seconds spent come from the checkpoint
+            self._restore(path, self.optimizer, opt_tensors, state, rng, inherit_budget=False)
             if self.ref is not None and (path / "ref.safetensors").exists():
                 self.ref.load_state_dict(load_file(path / "ref.safetensors"))
-            if progress:
-                print(f"resumed from {path} at step {self.step}")
         n_per_step = cfg.questions_per_step
         self.problems = generate(cfg.task, seed=cfg.seed, split="train", **cfg.task_knobs)
         for _ in itertools.islice(self.problems, self.step * n_per_step):  # the problems earlier steps used
@@ -141,7 +96,6 @@ class GRPOTrainer:
                              max_len=self.max_len)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resumed else None)
         (self.out / "grpo_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        self._stop = False
 
     # ---- rollouts and log-probs ------------------------------------------------------------------
     def rollout(self, problems: list[Problem], n: int, params: SamplingParams, seed: int | None) -> list[list]:
@@ -247,43 +201,22 @@ class GRPOTrainer:
         if self.ref is not None:
             save_file({k: v.contiguous() for k, v in self.ref.state_dict().items()}, staging / "ref.safetensors")
             extra.append(staging / "ref.safetensors")
-        return save_training_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
-                                        {"grpo_config": self.cfg.to_dict()}, self.cfg.keep_last, extra_files=extra)
+        return self._checkpoint(self.model, self.optimizer, {"grpo_config": self.cfg.to_dict()}, self.cfg.keep_last,
+                                extra_files=extra)
+
+    def _eval_record(self) -> dict[str, Any]:
+        return self.evaluate()
+
+    def _cadence(self) -> tuple[int, int, int]:
+        return self.cfg.eval_every, self.cfg.ckpt_every, self.cfg.steps
+
+    def _postfix(self, rec: dict[str, Any]) -> dict[str, str]:
+        return {"reward": f"{rec['reward_mean']:.3f}", "acc": f"{rec['accuracy']:.2f}"}
 
     def run(self) -> list[dict[str, Any]]:
-        """Train to cfg.steps with held-out evaluation before the first and after every eval_every steps;
-        SIGINT/SIGTERM checkpoint and stop. Returns the records of this run."""
-        cfg = self.cfg
-        records: list[dict[str, Any]] = []
-        old = {s: signal.signal(s, lambda *_: setattr(self, "_stop", True)) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            if self.step == 0:
-                records.append(self.evaluate())
-                self.metrics.write(records[-1])
-            bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="grpo")
-            budget = float("inf") if cfg.max_minutes is None else cfg.max_minutes * 60
-            spent = 0.0
-            while self.step < cfg.steps and not self._stop:
-                if spent >= budget:
-                    records.append(self.evaluate())
-                    self.metrics.write(records[-1])
-                    self.save()
-                    break
-                rec = self.train_step()
-                spent += rec["seconds"]
-                self.metrics.write(rec)
-                records.append(rec)
-                bar.update(1)
-                bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.2f}")
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    records.append(self.evaluate())
-                    self.metrics.write(records[-1])
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or self._stop:
-                    self.save()
-            bar.close()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+        """Train to cfg.steps (or until max_minutes of training steps) with held-out evaluation before the first
+        and after every eval_every steps; SIGINT/SIGTERM checkpoint and stop. Returns the records of this run."""
+        records, _ = self._run_loop(self.cfg.steps)
         plot_grpo(read_metrics(self.out / "metrics.jsonl"), self.out / "grpo.png")
         return records
 

@@ -1,10 +1,18 @@
-"""The pre-training loop: V3 schedules, MTP, auxiliary-loss-free balancing, metrics, exact resume."""
+"""The pre-training loop: V3 schedules, MTP, auxiliary-loss-free balancing, metrics, exact resume.
+
+A run is step-driven (`TrainConfig.steps`) or time-budgeted (`Trainer(..., budget=TimeBudget(seconds))`): under a
+budget the schedules follow the fraction of the budget spent and the run ends when the budget does (at the latest at
+`steps`); see nanoseek.train.loop for what resuming such a run means.
+
+The training coefficients live in TrainConfig only: the MTP weight lambda (`mtp_lambda*`, passed to each forward)
+and the balance-loss weight alpha (`aux_loss_alpha`, set on the MoE layers). The model config's `mtp_loss_weight` /
+`aux_loss_alpha` are the defaults of a forward outside the trainer and are never rewritten by it.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -13,17 +21,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from ..data import PackedBatches, TokenShard, heldout_batches
 from ..fp8 import convert_to_fp8, emulate_bf16_gemms
 from ..io import build, load_checkpoint
 from ..model import ModelConfig, Transformer, update_bias
-from .checkpoint import load_latest, restore_optimizer, save_training_checkpoint, set_rng_state
+from ..model.moe import MoE
+from .checkpoint import load_latest
 from .config import TrainConfig, write_resolved
+from .loop import RunLoop, TimeBudget
 from .metrics import MetricsLog, max_violation, plot_expert_heatmap, plot_losses, read_metrics
 from .optim import build_optimizer
 from .schedule import batch_at, bias_speed_at, lr_at, mtp_lambda_at
+
+# ModelConfig fields that are training coefficients, not architecture: TrainConfig's mtp_lambda* / aux_loss_alpha
+# are the ones training uses, so a checkpoint that differs from the requested config only in these is the same model
+TRAINING_COEFFICIENTS = ("mtp_loss_weight", "aux_loss_alpha")
+
+
+def config_differences(checkpoint: ModelConfig, requested: ModelConfig) -> list[str]:
+    """The architecture fields in which two model configs differ, as "name <checkpoint> (checkpoint) vs
+    <requested> (requested)"."""
+    a, b = checkpoint.to_dict(), requested.to_dict()
+    return [f"{k} {json.dumps(a.get(k))} (checkpoint) vs {json.dumps(b.get(k))} (requested)"
+            for k in [*a, *(k for k in b if k not in a)] if k not in TRAINING_COEFFICIENTS and a.get(k) != b.get(k)]
+
+
+def set_balance_loss_weight(model: Transformer, alpha: float) -> None:
+    """alpha of the complementary sequence-wise balance loss (V3 §2.1.2) on every MoE layer, for training; the
+    model config keeps its own value."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"aux_loss_alpha must be a non-negative number, got {alpha!r}")
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.alpha = float(alpha)
 
 
 def pick_device(name: str) -> torch.device:
@@ -43,16 +74,17 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class Trainer:
-    """Trains `model_cfg` on the token shards in `data_dir` (made by nanoseek.data.prepare_corpus)."""
+class Trainer(RunLoop):
+    """Trains `model_cfg` on the token shards in `data_dir` (made by nanoseek.data.prepare_corpus), for cfg.steps
+    steps or, with `budget`, for that many seconds (cfg.steps then caps the steps)."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data_dir: Path, out_dir: Path,
-                 resume: bool = False, progress: bool = True) -> None:
-        if cfg.aux_loss_alpha is not None:
-            model_cfg = model_cfg.replace(aux_loss_alpha=cfg.aux_loss_alpha)
+                 resume: bool = False, progress: bool = True, budget: TimeBudget | None = None) -> None:
+        """`resume`: continue from the newest valid checkpoint in out_dir; a time-budgeted checkpoint keeps its
+        budget unless `budget` replaces it."""
         self.model_cfg, self.cfg = model_cfg, cfg
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
-        self.progress = progress
+        self._init_loop(self.out_dir, budget, progress)
         self.device = pick_device(cfg.device)
         info = json.loads((self.data_dir / "data.json").read_text())
         self.tok_hash = info["tokenizer_hash"]
@@ -67,8 +99,6 @@ class Trainer:
             [TokenShard.open(m, self.tok_hash) for m in masks] if masks[0].exists() else [None, None])
         self.loader = PackedBatches(self.train_shard, cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed,
                                     loss_mask=self.train_mask)
-        self.step = 0
-        self.ckpt_root = self.out_dir / "checkpoints"
         resumed = load_latest(self.ckpt_root, device=self.device) if resume else None
         torch.manual_seed(cfg.seed)
         if resumed is not None:
@@ -77,30 +107,33 @@ class Trainer:
             path, model = Path(cfg.init_from), load_checkpoint(cfg.init_from, torch.float32, self.device)
         else:
             path, model = None, build(model_cfg, torch.float32, self.device)
-        if path is not None and model.config.to_dict() != model_cfg.to_dict():
-            raise ValueError(f"{path}: checkpoint model config differs from the requested one")
+        if path is not None:
+            diff = config_differences(model.config, model_cfg)
+            if diff:
+                raise ValueError(f"{path}: checkpoint model config differs from the requested one: {', '.join(diff)}")
+            self.model_cfg = model.config
         self.model: Transformer = model.train()
         if cfg.fp8:
             convert_to_fp8(self.model, cfg.fp8_pow2_scale, cfg.fp8_backend)  # type: ignore[arg-type]
         elif cfg.emulate_bf16:
             emulate_bf16_gemms(self.model)
+        set_balance_loss_weight(self.model, cfg.aux_loss_alpha)
         self.optimizer = build_optimizer(self.model, cfg)
         if resumed is not None:
-            restore_optimizer(self.optimizer, opt_tensors, state["optimizer"])
+            if budget is not None and "budget" not in state and state["step"] > 0:
+                raise ValueError(f"{path}: a step-driven run (step {state['step']} of {cfg.steps}); resume it without "
+                                 f"a time budget")
+            self._restore(path, self.optimizer, opt_tensors, state, rng, inherit_budget=True)
             self.loader.load_state_dict(state["data"])
-            self.step = state["step"]
-            set_rng_state(rng, state["rng"])
-            if progress:
-                print(f"resumed from {path} at step {self.step}")
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
-        write_resolved(self.out_dir, model_cfg, cfg, {"data_dir": str(self.data_dir), "data": info})
+        write_resolved(self.out_dir, self.model_cfg, cfg, {"data_dir": str(self.data_dir), "data": info})
         eval_len = min(cfg.seq_len, len(self.val_shard) - 1)  # a small held-out split (e.g. SFT) gets shorter windows
         if 0 < eval_len < cfg.seq_len:
             warnings.warn(f"{self.val_shard.path}: {len(self.val_shard)} held-out tokens; evaluating on windows of "
                           f"{eval_len} instead of {cfg.seq_len}", stacklevel=2)
         self.heldout = heldout_batches(self.val_shard, cfg.micro_batch_size, max(eval_len, 1), cfg.eval_batches,
                                        self.val_mask)
-        self._stop = False
+        self.desc = "sft" if self.train_mask is not None else "pretrain"
 
     # ---------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -116,14 +149,21 @@ class Trainer:
         return total / max(n, 1)
 
     # ---------------------------------------------------------------------------------------- one step
+    def schedule_progress(self) -> float | None:
+        """Where a time-budgeted run is in its schedules (nanoseek.train.loop), or in its step cap if that is
+        further; None for a step-driven run."""
+        p = super().schedule_progress()
+        return None if p is None else max(p, min(1.0, self.step / max(self.cfg.steps, 1)))
+
     def train_step(self) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
         step = self.step
-        lr = lr_at(cfg, step)
+        p = self.schedule_progress()
+        lr = lr_at(cfg, step, p)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        lam = mtp_lambda_at(cfg, step)
-        n_seq = batch_at(cfg, step)
+        lam = mtp_lambda_at(cfg, step, p)
+        n_seq = batch_at(cfg, step, p)
         depth = len(model.mtp)
         sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         loads = []
@@ -153,9 +193,11 @@ class Trainer:
                                "batch": n_seq, "tokens": n_seq * cfg.seq_len, "mtp_lambda": lam, **sums}
         if depth == 0:
             rec["mtp_loss"] = None
+        if p is not None:
+            rec["progress"] = round(p, 5)
         if loads:
             load = torch.cat(loads, dim=1)  # [layers, sequences, E]
-            gamma = bias_speed_at(cfg, step)
+            gamma = bias_speed_at(cfg, step, p)
             for gate, layer_load in zip(model.moe_gates(), load, strict=True):
                 update_bias(gate, layer_load, gamma)
             n_main = model.config.n_moe_layers
@@ -169,58 +211,42 @@ class Trainer:
         return rec
 
     # ---------------------------------------------------------------------------------------- the loop
-    def _handle_signal(self, signum: int, frame: Any) -> None:
-        self._stop = True
-
     def save(self) -> Path:
         state = {"data": self.loader.state_dict(), "train_config": self.cfg.to_dict()}
-        return save_training_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state,
-                                        self.cfg.keep_last, extra_files=[self.data_dir / "tokenizer.json"])
+        return self._checkpoint(self.model, self.optimizer, state, self.cfg.keep_last,
+                                extra_files=[self.data_dir / "tokenizer.json"])
+
+    def _eval_record(self) -> dict[str, Any]:
+        return {"kind": "eval", "step": self.step, "heldout_loss": self.evaluate()}
+
+    def _cadence(self) -> tuple[int, int, int]:
+        return self.cfg.eval_every, self.cfg.ckpt_every, self.cfg.steps
+
+    def _log_due(self, end: int) -> bool:
+        return self.step % self.cfg.log_every == 0 or self.step == end
+
+    def _after_step(self, rec: dict[str, Any], seconds: float) -> None:
+        rec["tokens_per_s"] = rec["tokens"] / seconds
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"loss became {rec['loss']} at step {self.step}")
+
+    def _postfix(self, rec: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{rec['main_loss']:.3f}", "lr": f"{rec['lr']:.1e}", "vio": f"{rec['maxvio_batch']:.2f}",
+                "tok_s": f"{rec['tokens_per_s']:.0f}"}
 
     def run(self, max_steps: int | None = None) -> TrainResult:
-        """Train until cfg.steps (or `max_steps` more steps); SIGINT/SIGTERM checkpoint and stop."""
-        cfg = self.cfg
-        end = cfg.steps if max_steps is None else min(cfg.steps, self.step + max_steps)
-        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        """Train until cfg.steps (or `max_steps` more steps), or until the time budget is spent; SIGINT/SIGTERM
+        checkpoint and stop."""
+        end = self.cfg.steps if max_steps is None else min(self.cfg.steps, self.step + max_steps)
         self.model.train()
         t0 = time.perf_counter()
-        tokens = 0
-        last_eval = None
-        history = []
-        desc = "sft" if self.train_mask is not None else "pretrain"
-        bar = tqdm(total=end, initial=self.step, disable=not self.progress, desc=desc, unit="step")
-        try:
-            while self.step < end and not self._stop:
-                ts = time.perf_counter()
-                rec = self.train_step()
-                dt = time.perf_counter() - ts
-                tokens += rec["tokens"]
-                rec["tokens_per_s"] = rec["tokens"] / dt
-                if not math.isfinite(rec["loss"]):
-                    raise FloatingPointError(f"loss became {rec['loss']} at step {self.step}")
-                if self.step % cfg.log_every == 0 or self.step == end:
-                    self.metrics.write(rec)
-                history.append(rec)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    last_eval = self.evaluate()
-                    ev = {"kind": "eval", "step": self.step, "heldout_loss": last_eval}
-                    self.metrics.write(ev)
-                    history.append(ev)
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                    self.save()
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['main_loss']:.3f}", lr=f"{rec['lr']:.1e}",
-                                vio=f"{rec['maxvio_batch']:.2f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if self._stop:
-                path = self.save()
-                bar.write(f"interrupted: checkpoint written to {path}")
-        finally:
-            bar.close()
-            for s, h in old.items():
-                signal.signal(s, h)
+        history, interrupted = self._run_loop(end)
         seconds = time.perf_counter() - t0
+        tokens = sum(r["tokens"] for r in history if r["kind"] == "train")
+        evals = [r["heldout_loss"] for r in history if r["kind"] == "eval"]
         records = read_metrics(self.metrics.path)
         if records:
             plot_losses(records, self.out_dir / "loss.png")
             plot_expert_heatmap(records, self.out_dir / "expert_load.png")
-        return TrainResult(self.out_dir, self.step, last_eval, self._stop, tokens, seconds, history)
+        return TrainResult(self.out_dir, self.step, evals[-1] if evals else None, interrupted, tokens, seconds,
+                           history)

@@ -1,5 +1,6 @@
 """GRPO trainer: rollouts through the engine, the update direction, metrics, and exact resume."""
 
+import io
 import json
 
 import pytest
@@ -88,6 +89,26 @@ def test_train_steps_metrics_plot_and_exact_resume(tok, tmp_path):
         assert torch.equal(a, b), k
     rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_time_budget_progress_bar_and_resume(tok, tmp_path):
+    """max_minutes: a tqdm of seconds spent / budget with the step (not a placeholder step count with an ETA); the run
+    stops at the budget with an evaluation and a checkpoint, and a resumed run has only the seconds left."""
+    cfg = _cfg(steps=100_000, max_minutes=0.02, eval_every=1000, ckpt_every=1000)  # 1.2 s of training steps
+    tr = GRPOTrainer(_model(tok), tok, cfg, tmp_path, progress=True, reward_fn=has_e)
+    tr.bar_file = io.StringIO()
+    recs = tr.run()
+    n = tr.step
+    assert n >= 1 and [r["kind"] for r in recs] == ["eval", *["train"] * n, "eval"]
+    bar = tr.bar_file.getvalue()
+    assert f"/1 s, step={n}, reward=" in bar and "100000" not in bar and "it/s" not in bar
+    train_seconds = [r["seconds"] for r in recs if r["kind"] == "train"]
+    assert sum(train_seconds[:-1]) <= 1.2  # a step starts only while the budget has time for it
+    state = json.loads((tmp_path / "checkpoints" / f"step_{n:08d}" / "trainer.json").read_text())
+    assert state["budget"]["seconds"] == 1.2 and state["budget"]["spent"] >= sum(train_seconds) - 0.01
+    again = GRPOTrainer(_model(tok), tok, cfg, tmp_path, resume=True, progress=False, reward_fn=has_e)
+    assert again.step == n and again.spent == state["budget"]["spent"]
+    assert again.run() == [] and again.step == n  # the budget was spent
 
 
 def test_default_reward_and_prompts(tok):

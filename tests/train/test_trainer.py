@@ -120,3 +120,45 @@ def test_fp8_training_runs_close_to_fp32_and_resumes(data_dir, tmp_path):
     for (_, la, _, _), (_, lb, _, _) in zip(a, b, strict=True):
         if la is not None:
             assert la != lb and abs(la - lb) / la < 0.02  # FP8 changes the numbers, not the trajectory
+
+
+def test_sft_sets_the_balance_loss_weight_without_touching_the_model_config(data_dir, tmp_path):
+    """`nanoseek sft --init CKPT --set aux_loss_alpha=0`: alpha is a training field (TrainConfig), set on the MoE
+    layers; the model config stays the checkpoint's, so the checkpoint matches the requested model."""
+    import nanoseek
+    from nanoseek.cli import main
+
+    m, _ = _cfgs()
+    init = tmp_path / "init"
+    torch.manual_seed(0)
+    nanoseek.save(nanoseek.load(m), init)
+    shutil.copyfile(data_dir / "tokenizer.json", init / "tokenizer.json")
+    rows = [{"messages": [{"role": "user", "content": f"add {a} and {b}"},
+                          {"role": "assistant", "content": f"<think>{a}+{b}</think>{a + b}"}]}
+            for a in range(5) for b in range(5)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "sft"
+    assert main(["sft", "--init", str(init), "--data", str(tmp_path / "d.jsonl"), "--out", str(out), "--steps", "2",
+                 "--set", "aux_loss_alpha=0", "--set", "seq_len=32", "--set", "batch_size=2",
+                 "--set", "micro_batch_size=2", "--set", "eval_batches=1"]) == 0
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["train"]["aux_loss_alpha"] == 0 and resolved["model"]["aux_loss_alpha"] == m.aux_loss_alpha
+    assert all(r["balance_loss"] == 0 for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train")
+    assert load_checkpoint(list_checkpoints(out / "checkpoints")[-1]).config.to_dict() == m.to_dict()
+    # the trainer's weight, not the model config's, is the one in the forward
+    t = TrainConfig.from_dict({**_cfgs()[1].to_dict(), "aux_loss_alpha": 0.05, "init_from": str(init)})
+    tr = Trainer(m.replace(aux_loss_alpha=0.0, mtp_loss_weight=1.0), t, data_dir, tmp_path / "w", progress=False)
+    assert tr.model.config.aux_loss_alpha == m.aux_loss_alpha
+    assert {b.mlp.alpha for b in [*tr.model.model.layers, *tr.model.mtp] if hasattr(b.mlp, "alpha")} == {0.05}
+    assert tr.train_step()["balance_loss"] > 0
+
+
+def test_mismatched_resume_names_the_fields_and_both_values(data_dir, tmp_path):
+    m, t = _cfgs(steps=1)
+    Trainer(m, t, data_dir, tmp_path, progress=False).run()
+    other = m.replace(hidden_size=128, num_attention_heads=8)
+    with pytest.raises(ValueError, match=r"checkpoint model config differs from the requested one: hidden_size 64 "
+                                         r"\(checkpoint\) vs 128 \(requested\), num_attention_heads 4 \(checkpoint\) "
+                                         r"vs 8 \(requested\)$"):
+        Trainer(other, t, data_dir, tmp_path, resume=True, progress=False)
