@@ -372,8 +372,8 @@ class Engine:
                 done.append(r)
         if done:
             last = torch.stack([h[r, len(inputs[r]) - 1] for r in done])
-            logits = self._logits(last)
-            for s, y in zip([slots[r] for r in done], self._sample([slots[r] for r in done], logits), strict=True):
+            finished = [slots[r] for r in done]
+            for s, y in zip(finished, self._sample(finished, self._logits(last)), strict=True):  # type: ignore[arg-type]
                 self._accept(s, [y])  # type: ignore[arg-type]
 
     def _decode(self, rows: list[int]) -> None:

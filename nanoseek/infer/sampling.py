@@ -25,7 +25,8 @@ def sample_tokens(
     if not sampled_rows:
         return greedy
     dev = logits.device
-    u = torch.stack([torch.rand((), generator=(generators or [None] * b)[r]) for r in sampled_rows]).to(dev)
+    gens = generators or [None] * b
+    u = torch.stack([torch.rand((), generator=gens[r]) for r in sampled_rows]).to(dev)
     rows = torch.tensor(sampled_rows, device=dev)
     x = logits[rows].float() / torch.tensor([temperature[r] for r in sampled_rows], device=dev)[:, None]
     ks = [(top_k or [None] * b)[r] for r in sampled_rows]

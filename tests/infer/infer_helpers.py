@@ -8,7 +8,7 @@ import functools
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import uvicorn
 
@@ -60,3 +60,21 @@ def wait_until(cond, timeout: float = 10.0, every: float = 0.02) -> bool:
             return True
         time.sleep(every)
     return bool(cond())
+
+
+def run_threads(fn: Callable[[int], None], n: int, timeout: float) -> list[BaseException]:
+    """Run fn(0) .. fn(n-1) in n threads at once (e.g. concurrent clients) and join them; returns what they raised."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as e:  # reported to the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
-from infer_helpers import small_tokenizer, wait_until
+from infer_helpers import run_threads, small_tokenizer, wait_until
 
 import nanoseek.infer.api
 import nanoseek.infer.runner
@@ -55,27 +55,19 @@ def test_threads_submit_wait_and_stream(model_tok):
     ps = prompts(tok, 6)
     results: dict[int, tuple[str, list[int], str]] = {}
     streamed: dict[int, str] = {}
-    errors: list[BaseException] = []
     barrier = threading.Barrier(len(ps))
 
     with EngineRunner(engine) as runner:
         def client(i: int) -> None:
-            try:
-                barrier.wait()
-                req = runner.submit(ps[i], params)
-                if i % 2:  # half stream, half wait for the result
-                    streamed[i] = "".join(runner.stream(req, timeout=60))
-                else:
-                    runner.result(req, timeout=60)
-                results[i] = req.text, req.output_ids, req.finish_reason
-            except BaseException as e:  # reported below
-                errors.append(e)
+            barrier.wait()
+            req = runner.submit(ps[i], params)
+            if i % 2:  # half stream, half wait for the result
+                streamed[i] = "".join(runner.stream(req, timeout=60))
+            else:
+                runner.result(req, timeout=60)
+            results[i] = req.text, req.output_ids, req.finish_reason
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(ps))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        errors = run_threads(client, len(ps), timeout=120)
         assert not errors, errors
         assert wait_until(lambda: not engine.has_work()) and not runner.live()
     assert not runner.running

@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 from conftest import tiny_config
-from infer_helpers import running_server, small_tokenizer, wait_until
+from infer_helpers import run_threads, running_server, small_tokenizer, wait_until
 
 from nanoseek.infer.api import ThinkDelta
 from nanoseek.infer.chat import encode_chat, encode_prompt, render_chat, split_think
@@ -135,25 +135,17 @@ def test_concurrent_clients_get_independent_answers(srv):
     prompts = [f"Task {i}: " + "implement " * i + ["a queue", "a heap", "bisect", "shlex"][i % 4]
                for i in range(8)]
     results: dict[int, tuple[str, str]] = {}
-    errors: list[BaseException] = []
     barrier = threading.Barrier(len(prompts))
     forwards, generated = srv.engine.stats.decode_forwards, srv.engine.stats.generated_tokens
 
     def client(i: int) -> None:
-        try:
-            c = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key=KEY, max_retries=0, timeout=60)
-            barrier.wait()
-            out = c.chat.completions.create(model=MODEL, messages=user(prompts[i]), max_tokens=10, temperature=0,
-                                            extra_body={"ignore_eos": True})
-            results[i] = out.choices[0].message.content, out.choices[0].finish_reason
-        except BaseException as e:  # reported below
-            errors.append(e)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        barrier.wait()
+        out = c.chat.completions.create(model=MODEL, messages=user(prompts[i]), max_tokens=10, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        results[i] = out.choices[0].message.content, out.choices[0].finish_reason
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    errors = run_threads(client, len(prompts), timeout=60)
     assert not errors, errors
     assert wait_until(lambda: idle(srv.engine))
     for i, p in enumerate(prompts):
