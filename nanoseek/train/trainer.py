@@ -49,9 +49,7 @@ def config_differences(checkpoint: ModelConfig, requested: ModelConfig) -> list[
 
 def set_balance_loss_weight(model: Transformer, alpha: float) -> None:
     """alpha of the complementary sequence-wise balance loss (V3 §2.1.2) on every MoE layer, for training; the
-    model config keeps its own value."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"aux_loss_alpha must be a non-negative number, got {alpha!r}")
+    model config keeps its own value. (TrainConfig checks the value's range.)"""
     for m in model.modules():
         if isinstance(m, MoE):
             m.alpha = float(alpha)
