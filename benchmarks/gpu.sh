@@ -1,7 +1,8 @@
 #!/bin/sh
 # Everything that needs a GPU, in one command (for a session that is lent one; ~10 minutes on an H100):
 #   the CUDA tests (FP8 backend probe vs the emulation, grouped experts under autocast), the FP8 GEMM benchmark at
-#   DeepSeek-V3 shapes (eager and compiled), and the `small` training step with BF16 autocast vs FP8.
+#   DeepSeek-V3 shapes (eager and compiled), the `small` training step with BF16 autocast vs FP8, and the same step
+#   under FSDP2 at world size 1 (BF16 and FP8: tokens/s, MFU, peak memory).
 # Results go to $OUT (default runs/gpu).    Usage:  OUT=runs/gpu PY=python3 sh benchmarks/gpu.sh
 OUT=${OUT:-runs/gpu}
 PY=${PY:-python3}
@@ -19,4 +20,9 @@ $PY benchmarks/bench_pretrain.py --presets small --steps 10 --data "$OUT/data" -
   > "$OUT/pretrain.txt" 2>&1
 $PY benchmarks/bench_pretrain.py --presets small --steps 10 --data "$OUT/data" --fp8 --json "$OUT/pretrain_fp8.json" \
   >> "$OUT/pretrain.txt" 2>&1
+# FSDP2 at world size 1 (nanoseek.parallel): the `small` step in BF16 and FP8, tokens/s, MFU, peak memory
+$PY benchmarks/bench_parallel.py --presets small --meshes 1:dp=1 --steps 5 --batch 16 --seq 1024 --data "$OUT/data" \
+  --json "$OUT/fsdp_bf16.json" > "$OUT/fsdp.txt" 2>&1
+$PY benchmarks/bench_parallel.py --presets small --meshes 1:dp=1 --steps 5 --batch 16 --seq 1024 --data "$OUT/data" \
+  --fp8 --json "$OUT/fsdp_fp8.json" >> "$OUT/fsdp.txt" 2>&1
 tail -n 3 "$OUT"/*.txt

@@ -81,7 +81,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if diff == 0 else 1
 
 
+COMM_ERROR_WORDS = ("gloo", "Connection closed", "Connection reset", "Timed out", "NCCL", "c10d")
+
+
+def _parallel(args: argparse.Namespace, body):  # type: ignore[no-untyped-def]
+    """Run body(ctx) inside the process group of `--parallel` (ctx None without it). A rank that loses the others
+    (one died, or hangs past the timeout) ends with one line instead of a traceback per rank."""
+    if not getattr(args, "parallel", None):
+        return body(None)
+    import torch.distributed as dist
+
+    from .parallel import ParallelConfig, init_distributed, shutdown
+
+    ctx = init_distributed(ParallelConfig.parse(args.parallel))
+    try:
+        return body(ctx)
+    except (dist.DistError, RuntimeError) as e:
+        lines = str(e).strip().splitlines()
+        # gloo reports a dead or hung peer as a plain RuntimeError from its transport
+        if not isinstance(e, dist.DistError) and not any(w in str(e) for w in COMM_ERROR_WORDS):
+            raise
+        raise SystemExit(f"nanoseek: rank {ctx.rank}: lost contact with the other ranks "
+                         f"({lines[0][-200:] if lines else type(e).__name__})") from None
+    finally:
+        shutdown()
+
+
+def _prepare_once(ctx, prepare) -> None:  # type: ignore[no-untyped-def]
+    """Data preparation on rank 0 only; the other ranks wait for it."""
+    if ctx is None or ctx.is_main:
+        prepare()
+    if ctx is not None:
+        ctx.barrier()
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    return _parallel(args, lambda ctx: _pretrain(args, ctx))
+
+
+def _pretrain(args: argparse.Namespace, ctx) -> int:  # type: ignore[no-untyped-def]
     from .data import prepare_corpus
     from .train import TrainConfig, Trainer, apply_overrides
 
@@ -97,16 +135,23 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         data_dir = data[0]
     else:
         data_dir = out / "data"
-        prepare_corpus([str(d) for d in data] or None, data_dir, vocab_size=model_cfg.vocab_size,
-                       seed=args.seed, max_chars=args.max_chars)
+        _prepare_once(ctx, lambda: prepare_corpus([str(d) for d in data] or None, data_dir,
+                                                  vocab_size=model_cfg.vocab_size, seed=args.seed,
+                                                  max_chars=args.max_chars))
     info = json.loads((data_dir / "data.json").read_text())
     if info.get("vocab_size") and info["vocab_size"] != model_cfg.vocab_size:
         model_cfg = model_cfg.replace(vocab_size=info["vocab_size"])
-    return _train_and_report(Trainer(model_cfg, train_cfg, data_dir, out, resume=args.resume), out, "held-out loss")
+    try:
+        trainer = Trainer(model_cfg, train_cfg, data_dir, out, resume=args.resume, parallel=ctx)
+    except ValueError as e:
+        raise SystemExit(f"nanoseek: {e}") from None
+    return _train_and_report(trainer, out, "held-out loss")
 
 
 def _train_and_report(trainer, out: Path, loss_name: str) -> int:
     result = trainer.run()
+    if not getattr(trainer, "is_main", True):
+        return 0
     state = "interrupted" if result.interrupted else "done"
     held = f"{result.final_heldout_loss:.4f}" if result.final_heldout_loss is not None else "n/a"
     budget = getattr(trainer, "budget", None)
@@ -119,6 +164,10 @@ def _train_and_report(trainer, out: Path, loss_name: str) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    return _parallel(args, lambda ctx: _sft(args, ctx))
+
+
+def _sft(args: argparse.Namespace, ctx) -> int:  # type: ignore[no-untyped-def]
     from .io import read_config
     from .io.paths import load_tokenizer, resolve_checkpoint
     from .train import TrainConfig, Trainer, apply_overrides
@@ -132,7 +181,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets)
     tok = load_tokenizer(init, args.tokenizer)
     data_dir = out / "data"
-    if not (args.resume and (data_dir / "data.json").is_file()):
+    def prepare() -> None:
         try:
             info = prepare_sft(args.data, tok, data_dir, heldout_frac=args.heldout_frac, seed=args.seed)
         except (SFTDataError, OSError) as e:
@@ -140,8 +189,11 @@ def cmd_sft(args: argparse.Namespace) -> int:
         print(f"SFT data: {info['examples']['train']} train / {info['examples']['val']} held-out examples, "
               f"{info['trained_tokens']['train']:,} of {info['tokens']['train']:,} training tokens are assistant "
               f"tokens")
+
+    if not (args.resume and (data_dir / "data.json").is_file()):
+        _prepare_once(ctx, prepare)
     try:
-        trainer = Trainer(model_cfg, train_cfg, data_dir, out, resume=args.resume)
+        trainer = Trainer(model_cfg, train_cfg, data_dir, out, resume=args.resume, parallel=ctx)
     except ValueError as e:
         raise SystemExit(f"nanoseek: {e}") from None
     return _train_and_report(trainer, out, "held-out loss on assistant tokens")
@@ -222,6 +274,23 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .io import CheckpointError
+    from .train.checkpoint import export_sharded
+
+    try:
+        dest = export_sharded(args.checkpoint, args.out)
+    except CheckpointError as e:
+        raise SystemExit(f"nanoseek: {e}") from None
+    print(f"wrote {dest} (Hugging Face DeepSeek-V3 layout)")
+    return 0
+
+
+PARALLEL_HELP = ("a mesh under torchrun, e.g. dp=2,ep=2 (data-parallel FSDP2 x expert-parallel ranks; omitted "
+                 "dimensions are 1), plus nodes=, activation_checkpoint=, reshard_after_forward=, fp8_dispatch=, "
+                 "timeout= (nanoseek.parallel.ParallelConfig)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in plain PyTorch")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -253,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training or model field")
     p.add_argument("--fp8", action="store_true", help=FP8_HELP)
+    p.add_argument("--parallel", metavar="MESH", help=PARALLEL_HELP)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("speedrun", help="tokenizer + corpus + pre-training + report, within a time budget")
@@ -280,7 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout-frac", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training field")
+    p.add_argument("--parallel", metavar="MESH", help=PARALLEL_HELP)
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("export", help="gather a sharded checkpoint of a distributed run into the Hugging Face layout")
+    p.add_argument("checkpoint", help="a step_... directory of a run trained with --parallel")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("grpo", help="GRPO with rule-based rewards on a verifiable task (R1-Zero recipe)")
     p.add_argument("--init", required=True, help="checkpoint to start from (dir or training output)")
@@ -320,11 +396,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     from .config import ConfigError
+    from .parallel import DistributedError
 
     try:
         return args.func(args)
     except ConfigError as e:  # a bad value or name: one line, and argparse's exit status for usage errors
         parser.exit(2, f"nanoseek: {e}\n")
+    except DistributedError as e:  # no rendezvous
+        parser.exit(1, f"nanoseek: {e}\n")
 
 
 if __name__ == "__main__":

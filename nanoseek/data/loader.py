@@ -53,12 +53,18 @@ class PackedBatches:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
 
-    def next_batch(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, batch_size: int | None = None, part: tuple[int, int] = (0, 1),
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids [B, S], labels [B, S]) as int64; labels are the inputs shifted left by one token.
-        `batch_size` overrides self.batch_size for this call (batch-size ramps)."""
+        `batch_size` overrides self.batch_size for this call (batch-size ramps). `part=(rank, world)`: the batch
+        is split into `world` equal consecutive slices and only slice `rank` is read (data parallelism: every rank
+        advances through the same stream, so the ranks' slices together are the single-process batch)."""
         bs = self.batch_size if batch_size is None else batch_size
+        rank, world = part
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1, got {bs}")
+        if bs % world or not 0 <= rank < world:
+            raise ValueError(f"a batch of {bs} sequences does not split into {world} equal parts")
         picked = []
         need = bs
         while need:
@@ -70,7 +76,8 @@ class PackedBatches:
                 self.epoch += 1
                 self.pos = 0
                 self._perm = self._permutation(self.epoch)
-        return _gather(self.shard, np.concatenate(picked), self.seq_len, self.loss_mask)
+        mine = np.concatenate(picked)[rank * bs // world:(rank + 1) * bs // world]
+        return _gather(self.shard, mine, self.seq_len, self.loss_mask)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain (JSON-able) position in the data stream."""

@@ -64,8 +64,9 @@ class Bf16EmulatedExperts(Experts):
         offs = counts.cumsum(0).to(torch.int32)
         x = x_sorted.to(compute_dtype(x_sorted))
         r = round_bf16
-        gate, up = r(grouped_linear(r(x), r(self.gate_up_proj), counts, offs)).chunk(2, dim=-1)
-        return r(grouped_linear(r(swiglu(gate, up)), r(self.down_proj), counts, offs))
+        w1, w2 = self.weights()
+        gate, up = r(grouped_linear(r(x), r(w1), counts, offs)).chunk(2, dim=-1)
+        return r(grouped_linear(r(swiglu(gate, up)), r(w2), counts, offs))
 
 
 def emulate_bf16_gemms(model: Transformer) -> Transformer:

@@ -137,8 +137,9 @@ class Fp8GroupedExperts(Experts):
         check_fp8_experts(x.device, x.dtype)
         offs = counts.cumsum(0).to(torch.int32)
         pow2 = self.pow2_scale
-        gate, up = fp8_grouped_linear(x, self.gate_up_proj, offs, pow2).chunk(2, dim=-1)
-        return fp8_grouped_linear(fp8_swiglu(gate, up, pow2), self.down_proj, offs, pow2)
+        w1, w2 = self.weights()
+        gate, up = fp8_grouped_linear(x, w1, offs, pow2).chunk(2, dim=-1)
+        return fp8_grouped_linear(fp8_swiglu(gate, up, pow2), w2, offs, pow2)
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, inter={self.inter}, fp8 (1x128 tiles, 128x128 blocks), " \

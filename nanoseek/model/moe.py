@@ -12,6 +12,7 @@ from typing import Self
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .config import ModelConfig
 
@@ -165,12 +166,21 @@ class Experts(nn.Module):
         new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
         return new.train(experts.training)
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up_proj, down_proj) of the experts this process holds: under expert parallelism the parameters
+        are DTensors split along the expert dimension (nanoseek.parallel) and this is the local part."""
+        w1, w2 = self.gate_up_proj, self.down_proj
+        if isinstance(w1, DTensor):
+            return w1.to_local(), w2.to_local()  # type: ignore[union-attr]
+        return w1, w2
+
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted: tokens grouped by expert (counts[e] rows for expert e, in order)."""
+        w1, w2 = self.weights()
         offs = counts.cumsum(0).to(torch.int32)
         x_sorted = x_sorted.to(compute_dtype(x_sorted))
-        gate, up = grouped_linear(x_sorted, self.gate_up_proj, counts, offs).chunk(2, dim=-1)
-        return grouped_linear(swiglu(gate, up), self.down_proj, counts, offs)
+        gate, up = grouped_linear(x_sorted, w1, counts, offs).chunk(2, dim=-1)
+        return grouped_linear(swiglu(gate, up), w2, counts, offs)
 
 
 GATHER_LIMIT = 1 << 22  # gathered-expert path while the copied weights stay under 4M values (16 MiB fp32)
@@ -203,22 +213,36 @@ class _PermuteTokens(torch.autograd.Function):
         return g.index_select(0, slot).view(-1, ctx.k, g.shape[-1]).sum(dim=1), None, None
 
 
+def sort_by_expert(x: torch.Tensor, idx: torch.Tensor, n_experts: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_sorted, order, counts): each token's row copied to its K slots, the slots in expert order (counts[e] rows
+    for expert e), and the order that `combine` undoes."""
+    K = idx.shape[1]
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    x_sorted = _PermuteTokens.apply(x, order, K) if torch.is_grad_enabled() and x.requires_grad else x[order // K]
+    return x_sorted, order, counts
+
+
+def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[t,k] * y[slot of (t,k)]: the expert outputs back in token order, weighted by the gate."""
+    T, K = weights.shape
+    y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, -1)
+    return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+
+
 def dispatch_combine(
     x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
     expert_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """permute -> experts -> unpermute.  x [T,H], idx/weights [T,K]; returns sum_k weights * Expert_idx(x).
 
-    The single seam for expert parallelism: an all-to-all version replaces this function only.
+    The single seam for expert parallelism: `MoE.dispatch` is this function, which nanoseek.parallel swaps for an
+    all-to-all version with the same signature.
     """
-    T, K = idx.shape
-    flat = idx.reshape(-1)
-    order = flat.argsort(stable=True)
-    counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    x_sorted = _PermuteTokens.apply(x, order, K) if torch.is_grad_enabled() and x.requires_grad else x[order // K]
-    y_sorted = expert_fn(x_sorted, counts)
-    y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, -1)
-    return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+    x_sorted, order, counts = sort_by_expert(x, idx, n_experts)
+    return combine(expert_fn(x_sorted, counts), order, weights)
 
 
 @dataclass
@@ -238,6 +262,8 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) if cfg.n_shared_experts else None
         )
+        # permute -> experts -> unpermute; expert parallelism swaps in nanoseek.parallel.ExpertParallelDispatch
+        self.dispatch: Callable[..., torch.Tensor] = dispatch_combine
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, S, H = x.shape
@@ -246,7 +272,7 @@ class MoE(nn.Module):
         if self._gather_ok(idx):
             y = gathered_experts(xf, idx, w, self.experts)
         else:
-            y = dispatch_combine(xf, idx, w, self.n_experts, self.experts)
+            y = self.dispatch(xf, idx, w, self.n_experts, self.experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xf)
         with torch.no_grad():
@@ -255,9 +281,10 @@ class MoE(nn.Module):
         return y.view(B, S, H), MoEStats(load, self.balance_loss(s.view(B, S, -1)))
 
     def _gather_ok(self, idx: torch.Tensor) -> bool:
-        """Inference on few tokens (decode) with plain high-precision experts (not a swapped-in subclass)."""
+        """Inference on few tokens (decode) with plain high-precision experts (not a swapped-in subclass), all of them
+        in this process (not expert-parallel)."""
         e = self.experts
-        return (not torch.is_grad_enabled() and type(e) is Experts
+        return (not torch.is_grad_enabled() and type(e) is Experts and self.dispatch is dispatch_combine
                 and idx.numel() * e.gate_up_proj[0].numel() * 3 // 2 <= GATHER_LIMIT)
 
     def balance_loss(self, s: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,11 @@ Layout: `<out>/checkpoints/step_00000100/{config.json, model.safetensors, optimi
 trainer.json, manifest.json}`. A checkpoint is written into a temporary directory, every file fsynced, then the
 directory is renamed into place; `manifest.json` (sizes + sha256) is written last and checked on load, so a
 truncated or corrupt checkpoint is detected and the previous one is used instead.
+
+A distributed run (nanoseek.parallel) writes sharded checkpoints with torch.distributed.checkpoint instead: every
+rank writes its shards of the model and optimizer into `dcp/`, then rank 0 adds config.json, trainer.json,
+rng.safetensors and the manifest and renames the directory into place. DCP reshards on load, so a run resumes at
+another world size or mesh; `export_sharded` turns one into the HF layout.
 """
 
 from __future__ import annotations
@@ -19,15 +24,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..io import CheckpointError, load_checkpoint, save
-from ..io.atomic import commit_dir
+from ..io import CheckpointError, build, load_checkpoint, read_config, save
+from ..io.atomic import atomic_write_text, commit_dir
 from ..model import Transformer
 from .optim import optimizer_from_tensors, optimizer_to_tensors
 
 MANIFEST = "manifest.json"
+SHARDS = "dcp"  # the torch.distributed.checkpoint directory of a sharded checkpoint
 
 
 def _sha256(path: Path) -> str:
@@ -70,7 +79,6 @@ def save_training_checkpoint(
     """Write checkpoint `step` under `root` atomically; keep the newest `keep_last`. `extra_files` (e.g. the
     tokenizer.json, so that the checkpoint alone can be served) are copied in when they exist."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -82,11 +90,17 @@ def save_training_checkpoint(
     save_file(rng_tensors, tmp / "rng.safetensors")
     state = {**trainer_state, "step": step, "optimizer": opt_meta, "rng": rng_meta}
     (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
+    _finish(root, tmp, step, keep_last, extra_files)
+    return root / f"step_{step:08d}"
+
+
+def _finish(root: Path, tmp: Path, step: int, keep_last: int, extra_files: list[Path] | None) -> None:
+    """Copy the extra files in, fsync everything, write the manifest last, rename into place, prune old ones."""
     for extra in extra_files or []:
         if Path(extra).is_file():
             shutil.copyfile(extra, tmp / Path(extra).name)
-    files = sorted(p for p in tmp.iterdir() if p.is_file())
-    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     for p in files:
         with open(p, "rb") as f:
             os.fsync(f.fileno())
@@ -94,10 +108,87 @@ def save_training_checkpoint(
         json.dump({"step": step, "files": manifest}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    commit_dir(tmp, final)
+    commit_dir(tmp, root / f"step_{step:08d}")
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / SHARDS / ".metadata").is_file()
+
+
+def save_sharded_checkpoint(
+    root: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
+    keep_last: int = 2, extra_files: list[Path] | None = None,
+) -> Path:
+    """A sharded checkpoint of a parallelized model (every rank calls this): each rank writes its shards, rank 0
+    the rest, atomically as `save_training_checkpoint`."""
+    main = dist.get_rank() == 0
+    tmp = root / f".step_{step:08d}.tmp"
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDS)
+    if main:
+        atomic_write_text(tmp / "config.json", json.dumps(model.config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        state = {**trainer_state, "step": step, "rng": rng_meta, "world_size": dist.get_world_size()}
+        (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
+        _finish(root, tmp, step, keep_last, extra_files)
+    dist.barrier()
+    return root / f"step_{step:08d}"
+
+
+def load_latest_sharded(root: Path, model: Transformer, optimizer: torch.optim.Optimizer,
+                        ) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
+    """Load the newest valid sharded checkpoint under `root` into a parallelized model and its optimizer (every rank
+    calls this; DCP reshards to this run's mesh). Returns (path, trainer state, rng tensors) or None."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            if not is_sharded(path):
+                raise ValueError(f"{path}: a single-process checkpoint; resume it without --parallel")
+            state = json.loads((path / "trainer.json").read_text())
+            rng = load_file(path / "rng.safetensors")
+        except (CheckpointError, SafetensorError, OSError, json.JSONDecodeError) as e:
+            warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
+            continue
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        sd = {"model": model_sd, "optim": optim_sd}
+        dcp.load(sd, checkpoint_id=path / SHARDS)
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        return path, state, rng
+    return None
+
+
+def load_sharded_model(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Transformer:
+    """The whole model of a sharded checkpoint, in this process (fp32), e.g. to fine-tune from it or export it."""
+    path = Path(path)
+    verify_checkpoint(path)
+    if not is_sharded(path):
+        raise CheckpointError(f"{path}: not a sharded checkpoint (no {SHARDS}/.metadata)")
+    model = build(read_config(path), torch.float32, device, init=False)
+    sd = model.state_dict()
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": sd}, checkpoint_id=path / SHARDS, no_dist=True)
+    model.load_state_dict(sd)
+    return model
+
+
+def export_sharded(path: str | os.PathLike[str], out: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Path:
+    """The model of a sharded checkpoint, gathered in this one process, written in the Hugging Face layout (with the
+    checkpoint's tokenizer.json when it has one)."""
+    path = Path(path)
+    dest = save(load_sharded_model(path), out, dtype=dtype)
+    if (path / "tokenizer.json").is_file():
+        shutil.copyfile(path / "tokenizer.json", dest / "tokenizer.json")
+    return dest
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -132,6 +223,9 @@ def load_latest(root: Path, dtype: torch.dtype | None = None, device: torch.devi
     for path in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(path)
+            if is_sharded(path):
+                raise ValueError(f"{path}: a sharded checkpoint of a distributed run: resume it with --parallel (any "
+                                 f"mesh, dp=1 in one process too), or turn it into a model with `nanoseek export`")
             model = load_checkpoint(path, dtype=dtype, device=device)
             opt = load_file(path / "optimizer.safetensors")
             rng = load_file(path / "rng.safetensors")

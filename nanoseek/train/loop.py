@@ -32,7 +32,7 @@ from typing import IO, Any
 import torch
 from tqdm import tqdm
 
-from .checkpoint import restore_optimizer, save_training_checkpoint, set_rng_state
+from .checkpoint import restore_optimizer, save_sharded_checkpoint, save_training_checkpoint, set_rng_state
 from .metrics import MetricsLog
 
 TIME_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}"
@@ -113,6 +113,11 @@ class RunLoop:
         self._saved_at: int | None = None
         self._last_ckpt: Path | None = None
         self._stop = False
+        self.sharded = False  # a distributed run: checkpoints through torch.distributed.checkpoint
+        # distributed runs: every rank acts on the same decisions (stop, out of time, evaluate, checkpoint) and follows
+        # the same schedule progress; the trainer sets these to collectives (nanoseek.parallel.ParallelContext)
+        self._agree: Callable[[bool], bool] = lambda flag: flag
+        self._same_float: Callable[[float], float] = lambda x: x
 
     # ---- hooks ---------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -163,7 +168,7 @@ class RunLoop:
         p = self.budget_progress(ahead=self._last_step_s)
         if p is None:
             return None
-        self._progress = max(self._progress, p)
+        self._progress = max(self._progress, self._same_float(p))
         return self._progress
 
     def _fits_next_step(self) -> bool:
@@ -189,8 +194,9 @@ class RunLoop:
         budget = self._budget_state()
         if budget is not None:
             state = {**state, "budget": budget}
-        path = save_training_checkpoint(self.ckpt_root, self.step, model, optimizer, state,  # type: ignore[arg-type]
-                                        keep_last, extra_files=extra_files)
+        write = save_sharded_checkpoint if self.sharded else save_training_checkpoint
+        path = write(self.ckpt_root, self.step, model, optimizer, state, keep_last,  # type: ignore[arg-type]
+                     extra_files=extra_files)
         self._saved_at, self._last_ckpt = self.step, path
         return path
 
@@ -200,6 +206,11 @@ class RunLoop:
         over where `inherit_budget` and the caller gave none; a budget given by the caller replaces the stored one
         (the seconds spent stay)."""
         restore_optimizer(optimizer, opt_tensors, state["optimizer"])
+        self._restore_run(path, state, rng, inherit_budget)
+
+    def _restore_run(self, path: Path, state: dict[str, Any], rng: dict[str, torch.Tensor],
+                     inherit_budget: bool) -> None:
+        """Step, RNG and time budget of a checkpoint (the optimizer is restored by the caller)."""
         self.step = state["step"]
         set_rng_state(rng, state["rng"])
         stored = state.get("budget")
@@ -260,7 +271,7 @@ class RunLoop:
         if mark is not None:
             due = mark > self._marks[kind]
             self._marks[kind] = max(mark, self._marks[kind])
-            return due or self.step == total
+            return self._agree(due) or self.step == total
         return self.step == total or self.step % every_steps == 0
 
     def _run_loop(self, end: int) -> tuple[list[dict[str, Any]], bool]:
@@ -278,8 +289,11 @@ class RunLoop:
             with self._signals():
                 if self.evaluate_first and self.step == 0:
                     records.append(self._evaluate_and_log())
-                while self.step < end and not self._stop:
-                    if not self._fits_next_step():
+                while self.step < end:
+                    self._stop = self._agree(self._stop)
+                    if self._stop:
+                        break
+                    if self._agree(not self._fits_next_step()):
                         out_of_time = True
                         break
                     t = time.perf_counter()
@@ -296,6 +310,7 @@ class RunLoop:
                     if self._due("ckpt", ckpt_every, ckpt_frac, total):
                         self._timed("save", self.save)
                     self._update_bar(bar, rec)
+                self._stop = self._agree(self._stop)  # a signal during the last step
                 if out_of_time and steps_run and self._evaluated_at != self.step:
                     records.append(self._evaluate_and_log())
                 if (out_of_time and steps_run or self._stop) and self._saved_at != self.step:

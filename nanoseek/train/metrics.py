@@ -27,8 +27,11 @@ def max_violation(load: torch.Tensor) -> tuple[float, float]:
 class MetricsLog:
     """Append-only JSONL of per-step records; on resume, records after the resumed step are dropped."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True) -> None:
+        """`enabled=False`: a log that writes nothing (the ranks other than 0 of a distributed run)."""
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             path.write_text("")
@@ -38,6 +41,8 @@ class MetricsLog:
             path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -22,12 +22,14 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError
 from ..data import PackedBatches, TokenShard, heldout_batches
 from ..fp8 import convert_to_fp8, emulate_bf16_gemms
-from ..io import build, load_checkpoint
+from ..io import build, load_checkpoint, read_config
 from ..model import ModelConfig, Transformer, update_bias
 from ..model.moe import MoE
-from .checkpoint import load_latest
+from ..parallel import ParallelContext, clip_grad_norm, expert_traffic, parallelize
+from .checkpoint import is_sharded, load_latest, load_latest_sharded, load_sharded_model
 from .config import TrainConfig, write_resolved
 from .loop import RunLoop, TimeBudget
 from .metrics import MetricsLog, max_violation, plot_expert_heatmap, plot_losses, read_metrics
@@ -74,16 +76,27 @@ class TrainResult:
 
 class Trainer(RunLoop):
     """Trains `model_cfg` on the token shards in `data_dir` (made by nanoseek.data.prepare_corpus), for cfg.steps
-    steps or, with `budget`, for that many seconds (cfg.steps then caps the steps)."""
+    steps or, with `budget`, for that many seconds (cfg.steps then caps the steps).
+
+    With `parallel` (a process of a torchrun launch, nanoseek.parallel) the model is parallelized over its mesh;
+    `batch_size` stays the global number of sequences per step, `micro_batch_size` is per rank, and each rank reads
+    its slice of every batch, so the global batch -- and the loss -- are the single-process run's. Rank 0 alone
+    writes metrics, plots and the progress bar; checkpoints are sharded (torch.distributed.checkpoint)."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data_dir: Path, out_dir: Path,
-                 resume: bool = False, progress: bool = True, budget: TimeBudget | None = None) -> None:
+                 resume: bool = False, progress: bool = True, budget: TimeBudget | None = None,
+                 parallel: ParallelContext | None = None) -> None:
         """`resume`: continue from the newest valid checkpoint in out_dir; a time-budgeted checkpoint keeps its
         budget unless `budget` replaces it."""
         self.model_cfg, self.cfg = model_cfg, cfg
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
-        self._init_loop(self.out_dir, budget, progress)
-        self.device = pick_device(cfg.device)
+        self.par = parallel
+        self.is_main = parallel is None or parallel.is_main
+        self._init_loop(self.out_dir, budget, progress and self.is_main)
+        self.device = parallel.device if parallel is not None else pick_device(cfg.device)
+        self.world = parallel.world_size if parallel is not None else 1
+        if cfg.batch_size % self.world:
+            raise ConfigError(f"batch_size={cfg.batch_size} sequences do not split over {self.world} ranks")
         info = json.loads((self.data_dir / "data.json").read_text())
         self.tok_hash = info["tokenizer_hash"]
         vocab = info.get("vocab_size")
@@ -97,34 +110,48 @@ class Trainer(RunLoop):
             [TokenShard.open(m, self.tok_hash) for m in masks] if masks[0].exists() else [None, None])
         self.loader = PackedBatches(self.train_shard, cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed,
                                     loss_mask=self.train_mask)
-        resumed = load_latest(self.ckpt_root, device=self.device) if resume else None
-        torch.manual_seed(cfg.seed)
+        resumed = load_latest(self.ckpt_root, device=self.device) if resume and parallel is None else None
+        torch.manual_seed(cfg.seed)  # (every rank of a distributed run builds the same model)
         if resumed is not None:
             path, model, opt_tensors, state, rng = resumed
         elif cfg.init_from:  # fine-tuning: the weights of another run, fresh optimizer and data position
-            path, model = Path(cfg.init_from), load_checkpoint(cfg.init_from, torch.float32, self.device)
+            path = Path(cfg.init_from)
+            model = (load_sharded_model(path, self.device) if is_sharded(path)  # a distributed run's checkpoint
+                     else load_checkpoint(path, torch.float32, self.device))
         else:
             path, model = None, build(model_cfg, torch.float32, self.device)
         if path is not None:
-            diff = config_differences(model.config, model_cfg)
-            if diff:
-                raise ValueError(f"{path}: checkpoint model config differs from the requested one: {', '.join(diff)}")
-            self.model_cfg = model.config
+            self._check_config(path, model.config)
         self.model: Transformer = model.train()
         if cfg.fp8:
             convert_to_fp8(self.model, cfg.fp8_pow2_scale, cfg.fp8_backend)  # type: ignore[arg-type]
         elif cfg.emulate_bf16:
             emulate_bf16_gemms(self.model)
         set_balance_loss_weight(self.model, cfg.aux_loss_alpha)
+        if parallel is not None:
+            parallelize(self.model, parallel)
+            self.sharded, self._agree, self._same_float = True, parallel.agree, parallel.broadcast_float
         self.optimizer = build_optimizer(self.model, cfg)
-        if resumed is not None:
-            if budget is not None and "budget" not in state and state["step"] > 0:
-                raise ValueError(f"{path}: a step-driven run (step {state['step']} of {cfg.steps}); resume it without "
-                                 f"a time budget")
+        if resume and parallel is not None:
+            got = load_latest_sharded(self.ckpt_root, self.model, self.optimizer)
+            if got is not None:
+                path, state, rng = got
+                self._check_config(path, read_config(path))
+                self._check_budget(path, state, budget)
+                self._restore_run(path, state, rng, inherit_budget=True)
+                self.loader.load_state_dict(state["data"])
+                resumed = got  # type: ignore[assignment]
+        elif resumed is not None:
+            self._check_budget(path, state, budget)
             self._restore(path, self.optimizer, opt_tensors, state, rng, inherit_budget=True)
             self.loader.load_state_dict(state["data"])
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step=self.step if resumed else None)
-        write_resolved(self.out_dir, self.model_cfg, cfg, {"data_dir": str(self.data_dir), "data": info})
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_step=self.step if resumed else None,
+                                  enabled=self.is_main)
+        if self.is_main:
+            extra = {"data_dir": str(self.data_dir), "data": info}
+            if parallel is not None:
+                extra["parallel"] = {**parallel.cfg.to_dict(), "world_size": self.world}
+            write_resolved(self.out_dir, self.model_cfg, cfg, extra)
         eval_len = min(cfg.seq_len, len(self.val_shard) - 1)  # a small held-out split (e.g. SFT) gets shorter windows
         if 0 < eval_len < cfg.seq_len:
             warnings.warn(f"{self.val_shard.path}: {len(self.val_shard)} held-out tokens; evaluating on windows of "
@@ -133,17 +160,39 @@ class Trainer(RunLoop):
                                        self.val_mask)
         self.desc = "sft" if self.train_mask is not None else "pretrain"
 
+    def _check_config(self, path: Path, found: ModelConfig) -> None:
+        diff = config_differences(found, self.model_cfg)
+        if diff:
+            raise ValueError(f"{path}: checkpoint model config differs from the requested one: {', '.join(diff)}")
+        self.model_cfg = found
+
+    def _check_budget(self, path: Path, state: dict[str, Any], budget: TimeBudget | None) -> None:
+        if budget is not None and "budget" not in state and state["step"] > 0:
+            raise ValueError(f"{path}: a step-driven run (step {state['step']} of {self.cfg.steps}); resume it without "
+                             f"a time budget")
+
     # ---------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean main-model cross-entropy over the fixed held-out batches."""
+        """Mean main-model cross-entropy over the scored tokens of the fixed held-out batches (in a distributed run
+        each rank scores every world-th sequence of each batch; a rank left without one scores a copy with weight 0,
+        since every rank must take part in each forward)."""
         self.model.eval()
-        total, n = 0.0, 0
+        total, n = 0.0, 0.0
         for x, y in self.heldout:
+            weight = 1.0
+            if self.par is not None:
+                x, y = x[self.par.rank::self.world], y[self.par.rank::self.world]
+                if len(x) == 0:
+                    x, y, weight = self.heldout[0][0][:1], self.heldout[0][1][:1], 0.0
             out = self.model(x.to(self.device), labels=y.to(self.device), mtp=False, return_logits=False)
-            total += out.main_loss.item() * y.numel()
-            n += y.numel()
+            scored = int((y != -100).sum())  # SFT: the assistant tokens
+            if scored:
+                total += out.main_loss.item() * scored * weight
+                n += scored * weight
         self.model.train()
+        if self.par is not None:
+            total, n = self.par.all_reduce(torch.tensor([total, n], dtype=torch.float64, device=self.device)).tolist()
         return total / max(n, 1)
 
     # ---------------------------------------------------------------------------------------- one step
@@ -161,15 +210,18 @@ class Trainer(RunLoop):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         lam = mtp_lambda_at(cfg, step, p)
-        n_seq = batch_at(cfg, step, p)
+        W = self.world
+        n_seq = max(W, batch_at(cfg, step, p) // W * W)  # the ramp's batch rounded to whole sequences per rank
+        part = (self.par.rank, W) if self.par is not None else (0, 1)
+        expert_traffic(model)  # reset: count this step's dispatches only
         depth = len(model.mtp)
         sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         loads = []
         done = 0
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         while done < n_seq:
-            mb = min(cfg.micro_batch_size, n_seq - done)
-            x, y = self.loader.next_batch(mb)
+            mb = min(cfg.micro_batch_size * W, n_seq - done)  # sequences in this micro-batch over all ranks
+            x, y = self.loader.next_batch(mb, part)
             x, y = x.to(self.device), y.to(self.device)
             with autocast:
                 out = model(x, labels=y, return_logits=False, mtp_loss_weight=lam)
@@ -184,7 +236,13 @@ class Trainer(RunLoop):
             if out.expert_load is not None:
                 loads.append(out.expert_load)
             done += mb
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        if self.par is not None:
+            sums = dict(zip(sums, (self.par.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64,
+                                                                        device=self.device)) / W).tolist(),
+                            strict=True))
+            grad_norm = clip_grad_norm(model, cfg.grad_clip, self.par)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         rec: dict[str, Any] = {"kind": "train", "step": step + 1, "lr": lr, "grad_norm": grad_norm,
@@ -193,8 +251,18 @@ class Trainer(RunLoop):
             rec["mtp_loss"] = None
         if p is not None:
             rec["progress"] = round(p, 5)
+        traffic = expert_traffic(model)
+        if traffic is not None and self.par is not None:
+            t = traffic.to_dict()
+            summed = self.par.all_reduce(torch.tensor([t["dispatch_bytes"] + t["combine_bytes"], t["cross_node_bytes"],
+                                                       t["token_nodes"]], dtype=torch.float64, device=self.device))
+            rec["ep_bytes"], rec["ep_cross_node_bytes"], rec["ep_token_nodes"] = (int(v) for v in summed.tolist())
+            rec["ep_max_nodes_per_token"] = int(self.par.all_reduce(
+                torch.tensor([t["max_nodes_per_token"]], device=self.device), "max").item())
         if loads:
             load = torch.cat(loads, dim=1)  # [layers, sequences, E]
+            if self.par is not None:  # every rank's sequences: the biases move identically everywhere
+                load = self.par.all_gather(load.transpose(0, 1).contiguous()).transpose(0, 1)
             gamma = bias_speed_at(cfg, step, p)
             for gate, layer_load in zip(model.moe_gates(), load, strict=True):
                 update_bias(gate, layer_load, gamma)
@@ -242,7 +310,7 @@ class Trainer(RunLoop):
         seconds = time.perf_counter() - t0
         tokens = sum(r["tokens"] for r in history if r["kind"] == "train")
         evals = [r["heldout_loss"] for r in history if r["kind"] == "eval"]
-        records = read_metrics(self.metrics.path)
+        records = read_metrics(self.metrics.path) if self.is_main else []
         if records:
             plot_losses(records, self.out_dir / "loss.png")
             plot_expert_heatmap(records, self.out_dir / "expert_load.png")

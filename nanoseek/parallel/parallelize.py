@@ -1,0 +1,125 @@
+"""`parallelize(model, ctx)`: an unmodified Transformer spread over the mesh of a ParallelContext (torchtitan's seam).
+
+    expert parallelism   routed experts -> DTensors Shard(0) on "ep"; MoE.dispatch -> all-to-all (parallel/expert.py)
+    activation ckpt      each block (main and MTP) recomputed in the backward (optional)
+    FSDP2                experts: fully_shard over "dp"; each block and the root: over all ranks ("dp" x "ep")
+
+Gradients: FSDP averages the dense gradients over all ranks, which is the gradient of the mean of the ranks' losses.
+An expert's gradient already sums, through the all-to-all, the contributions of every ep rank's tokens; the experts'
+reduce-scatter over "dp" therefore divides by the whole world size, not by dp.
+Departure from V3 (ZeRO-1 data parallelism, §3.2): parameters are sharded too (ZeRO-3, FSDP2), optionally kept
+gathered between forward and backward (`reshard_after_forward=false`, ZeRO-2-like).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from ..model import Transformer
+from ..model.moe import MoE
+from .expert import ExpertParallelDispatch, Traffic
+from .launch import ParallelContext
+
+
+def _blocks(model: Transformer) -> list[nn.Module]:
+    return [*model.model.layers, *model.mtp]
+
+
+def apply_expert_parallel(model: Transformer, ctx: ParallelContext) -> ExpertParallelDispatch:
+    """Split every MoE layer's routed experts over the ep ranks and route its tokens with all-to-all."""
+    cfg = model.config
+    dispatch = ExpertParallelDispatch(ctx.ep_group, cfg.n_routed_experts, ctx.ep_nodes, ctx.cfg.fp8_dispatch,
+                                      cfg.n_group)
+    ep_mesh = ctx.mesh["ep"]
+    for block in _blocks(model):
+        moe = block.mlp
+        if not isinstance(moe, MoE):
+            continue
+        for name in ("gate_up_proj", "down_proj"):
+            p = getattr(moe.experts, name)
+            setattr(moe.experts, name, nn.Parameter(distribute_tensor(p.detach(), ep_mesh, [Shard(0)]),
+                                                    requires_grad=p.requires_grad))
+        moe.dispatch = dispatch
+    return dispatch
+
+
+def parallelize(model: Transformer, ctx: ParallelContext) -> Transformer:
+    """In place: expert parallelism (ep > 1), activation checkpointing (if asked) and FSDP2 over ctx's mesh."""
+    pc = ctx.cfg
+    if pc.ep > 1:
+        apply_expert_parallel(model, ctx)
+    if pc.activation_checkpoint:
+        for i, layer in enumerate(model.model.layers):
+            model.model.layers[i] = checkpoint_wrapper(layer)
+        for i, mtp in enumerate(model.mtp):
+            model.mtp[i] = checkpoint_wrapper(mtp)
+    # on CUDA: bf16 compute, fp32 gradient reduction; on the CPU everything stays fp32
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if ctx.device.type == "cuda" else MixedPrecisionPolicy())
+    # Experts.forward returns a view (grouped_linear's gradient-contiguity identity); nothing writes into it in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPExperts\) returned a view")
+    n_main = len(model.model.layers)
+    for i, block in enumerate(_blocks(model)):
+        moe = block.mlp
+        if pc.ep > 1 and isinstance(moe, MoE):
+            fully_shard(moe.experts, mesh=ctx.mesh["dp"], reshard_after_forward=pc.reshard_after_forward, mp_policy=mp)
+            moe.experts.set_gradient_divide_factor(float(ctx.world_size))  # type: ignore[operator]
+            # sum, then divide (gloo has no pre-scaled sum); not at dp = 1, where torch 2.13 would divide twice
+            if pc.dp > 1:
+                moe.experts.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
+        # an MTP module's output norm is applied after its forward (Transformer.logits): it stays gathered
+        reshard = pc.reshard_after_forward and i < n_main
+        fully_shard(block, mesh=ctx.dense_mesh, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(model, mesh=ctx.dense_mesh, reshard_after_forward=False, mp_policy=mp)
+    return model
+
+
+def expert_traffic(model: nn.Module) -> Traffic | None:
+    """The all-to-all traffic of the model's expert-parallel dispatches since the last call (None without EP)."""
+    seen: dict[int, ExpertParallelDispatch] = {}
+    for m in model.modules():
+        d = getattr(m, "dispatch", None)
+        if isinstance(m, MoE) and isinstance(d, ExpertParallelDispatch):
+            seen[id(d)] = d
+    if not seen:
+        return None
+    total = Traffic()
+    for d in seen.values():
+        t = d.take()
+        for k, v in t.to_dict().items():
+            setattr(total, k, max(getattr(total, k), v) if k == "max_nodes_per_token" else getattr(total, k) + v)
+    return total
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float, ctx: ParallelContext) -> float:
+    """torch.nn.utils.clip_grad_norm_ for a parallelized model, whose gradients are shards on two meshes (dense
+    over all ranks, experts over dp x ep): every element lives on exactly one rank, so the squared norm is the sum
+    of the local squares over all ranks. Returns the total norm before clipping."""
+    grads = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if not isinstance(p.grad, DTensor):
+            raise TypeError("clip_grad_norm expects a model parallelized by nanoseek.parallel (DTensor gradients)")
+        grads.append(p.grad.to_local())
+    sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for g in grads:
+        sq += g.double().pow(2).sum()
+    total = math.sqrt(ctx.all_reduce(sq).item())
+    coef = min(1.0, max_norm / (total + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
+def is_parallelized(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)

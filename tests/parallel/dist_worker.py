@@ -1,0 +1,149 @@
+"""Run under torchrun by tests/parallel: `dist_worker.py SCENARIO OUT [ARGS...]`; rank 0 writes OUT (JSON).
+
+step MESH...      one forward/backward of a small MoE model per mesh vs the same model in this process: loss and
+                  every gradient; EP traffic vs the routing it came from (node-limited routing)
+hang              rank 1 stops answering (the others must give up within the timeout)
+train MESH DATA RUN STEPS [MAX]   the Trainer (API) on DATA for STEPS steps (stopping after MAX), resuming RUN if
+                  it has a checkpoint; then the logits of the trained model on fixed tokens
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from nanoseek.io import build
+from nanoseek.model import ModelConfig, preset
+from nanoseek.parallel import ParallelConfig, clip_grad_norm, expert_traffic, init_distributed, parallelize
+from nanoseek.train import TrainConfig, Trainer
+
+
+def model_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+                n_group=4, topk_group=2, max_position_embeddings=512, initializer_range=0.1,
+                num_nextn_predict_layers=1, rope_scaling=None)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def train_configs(steps: int) -> tuple[ModelConfig, TrainConfig]:
+    """The model and recipe of the distributed training tests (tests/parallel/test_parallel.py uses the same)."""
+    m = preset("tiny", vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+               num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1)
+    t = TrainConfig(steps=steps, batch_size=4, micro_batch_size=1, seq_len=32, eval_every=5, eval_batches=2,
+                    ckpt_every=3, keep_last=5, warmup_frac=0.2, batch_ramp_frac=0.0, bias_update_speed=0.01)
+    return m, t
+
+
+def scenario_step(out: Path, meshes: list[str]) -> None:
+    results = {}
+    for spec in meshes:
+        mesh, _, flag = spec.partition("|")  # "|nolimit": every group may be chosen (no node limit)
+        pc = ParallelConfig.parse(mesh)
+        ctx = init_distributed(pc)
+        topk_group = 4 if flag == "nolimit" else 2
+        cfg = model_config(topk_group=topk_group)
+        torch.manual_seed(0)
+        B, S = 8, 16
+        x = torch.randint(0, cfg.vocab_size, (B, S + 1))
+        ref = build(cfg, torch.float32, "cpu").train()
+        ref_out = ref(x[:, :-1], labels=x[:, 1:])
+        ref_out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e9)
+        model = build(cfg, torch.float32, "cpu").train()
+        model.load_state_dict(ref.state_dict())
+        parallelize(model, ctx)
+        routes = []
+        for gate in model.moe_gates():  # the routing of each forward (not of activation-checkpoint recomputation)
+            gate.register_forward_hook(
+                lambda m, i, o, seen=routes: seen.append(o[1].detach())
+                if torch._C._current_graph_task_id() == -1 else None)
+        W, r = ctx.world_size, ctx.rank
+        xs = x[r * B // W:(r + 1) * B // W]
+        o = model(xs[:, :-1], labels=xs[:, 1:])
+        o.loss.backward()
+        traffic = expert_traffic(model)
+        loss = ctx.all_reduce(o.loss.detach().clone()) / W
+        norm = clip_grad_norm(model, 1e9, ctx)
+        ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]).item()
+        grads = {}
+        for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters(), strict=True):
+            g = q.grad.full_tensor()
+            grads[name] = ((g - p.grad).norm() / p.grad.norm().clamp_min(1e-30)).item()
+        res = {"loss": loss.item(), "ref_loss": ref_out.loss.item(), "grad_rel": grads, "norm": norm,
+               "ref_norm": ref_norm}
+        if traffic is not None:
+            # the formula, from the routing alone: every slot whose expert lives on another node crosses nodes once
+            # each way, as a row of H fp32 values
+            el = cfg.n_routed_experts // pc.ep
+            node_of = torch.arange(pc.ep) * ctx.ep_nodes // pc.ep
+            mine = node_of[ctx.ep_rank]
+            cross = sum(int((node_of[idx // el] != mine).sum()) for idx in routes)
+            nodes_per_token = max(int(torch.stack([(node_of[idx // el] == n).any(-1)
+                                                   for n in range(ctx.ep_nodes)]).sum(0).max()) for idx in routes)
+            row = cfg.hidden_size * 4
+            t = traffic.to_dict()
+            checks = torch.tensor([t["cross_node_bytes"], 2 * cross * row, t["max_nodes_per_token"], nodes_per_token],
+                                  dtype=torch.float64)
+            gathered = ctx.all_gather(checks[None])  # [W, 4]
+            res["traffic"] = {"measured_cross_node_bytes": gathered[:, 0].tolist(),
+                              "formula_cross_node_bytes": gathered[:, 1].tolist(),
+                              "max_nodes_measured": int(gathered[:, 2].max()),
+                              "max_nodes_from_routing": int(gathered[:, 3].max()), "nodes": ctx.ep_nodes,
+                              "topk_group": topk_group, "rows": t["rows"]}
+        results[spec] = res
+    if ctx.is_main:
+        out.write_text(json.dumps(results))
+
+
+def scenario_train(out: Path, spec: str, data: str, run: str, steps: int, max_steps: int | None) -> None:
+    ctx = init_distributed(ParallelConfig.parse(spec))
+    m, t = train_configs(steps)
+    run_dir = Path(run)
+    resume = (run_dir / "checkpoints").is_dir()
+    tr = Trainer(m, t, Path(data), run_dir, resume=resume, progress=False, parallel=ctx)
+    start = tr.step
+    tr.run(max_steps=max_steps)
+    torch.manual_seed(123)
+    x = torch.randint(0, m.vocab_size, (2, 16))
+    tr.model.eval()
+    with torch.no_grad():
+        logits = tr.model(x).logits
+    if ctx.is_main:
+        out.write_text(json.dumps({"start": start, "step": tr.step, "logits": logits.tolist(), "tokens": x.tolist()}))
+
+
+def scenario_hang() -> int:
+    """Rank 1 stops answering; rank 0's next collective must end within the timeout, with one line."""
+    import argparse
+    import time
+
+    from nanoseek.cli import _parallel
+
+    def body(ctx) -> int:
+        if ctx.rank == 1:
+            time.sleep(30)
+            return 0
+        ctx.agree(True)
+        return 0
+
+    return _parallel(argparse.Namespace(parallel="dp=2,timeout=3"), body)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    kind, out = sys.argv[1], Path(sys.argv[2])
+    if kind == "step":
+        scenario_step(out, sys.argv[3:])
+    elif kind == "train":
+        a = sys.argv[3:]
+        scenario_train(out, a[0], a[1], a[2], int(a[3]), int(a[4]) if len(a) > 4 else None)
+    elif kind == "hang":
+        sys.exit(scenario_hang())
+    else:
+        raise SystemExit(f"unknown scenario {kind}")
