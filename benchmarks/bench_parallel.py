@@ -93,9 +93,10 @@ def worker(preset_name: str, spec: str | None, steps: int, batch: int, seq: int,
            peak_tflops: float = 989.0) -> dict | None:
     import torch
 
-    torch.set_num_threads(1 if spec else torch.get_num_threads())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the machine's cores shared out
     from nanoseek.model import preset
-    from nanoseek.parallel import ParallelConfig, expert_traffic, init_distributed
+    from nanoseek.parallel import ParallelConfig, init_distributed
     from nanoseek.train import TrainConfig, Trainer
 
     ctx = init_distributed(ParallelConfig.parse(spec)) if spec else None
@@ -112,23 +113,18 @@ def worker(preset_name: str, spec: str | None, steps: int, batch: int, seq: int,
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        measured = {k: 0 for k in counts} if counts else {}
-        rows = 0
+        per_step, ep_bytes = [], 0
         t0 = time.perf_counter()
         for _ in range(steps):
             if counts:
                 for k in counts:
                     counts[k] = 0
-            expert_traffic(tr.model)
-            tr.train_step()
-            if counts:
-                for k in counts:
-                    measured[k] += counts[k] / steps
+            rec = tr.train_step()
+            per_step.append(dict(counts or {}))
+            ep_bytes += rec.get("ep_bytes", 0)  # the forward's dispatch + combine rows, all ranks, as counted
         if cuda:
             torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / steps
-        t = expert_traffic(tr.model)
-        rows = t.rows if t is not None else 0  # the last step's forward rows to other ranks
     row = {"preset": preset_name, "mesh": spec or "none", "world": W, "tokens_per_s": batch * seq / dt,
            "s_per_step": dt, "fp8": fp8, "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if cuda else "cpu"}
@@ -139,11 +135,19 @@ def worker(preset_name: str, spec: str | None, steps: int, batch: int, seq: int,
         row.update({"gpu_peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
                     "mfu": flops / W / (peak_tflops * 1e12)})
     if ctx is not None:
+        # bytes per rank per step, averaged over ranks and steps
+        keys = ("all_gather", "reduce_scatter", "all_to_all")
+        total = torch.tensor([sum(s[k] for s in per_step) for k in keys], dtype=torch.float64)
+        measured = dict(zip(keys, (ctx.all_reduce(total) / (W * steps)).tolist(), strict=True))
         formula = _fsdp_formula(tr.model, ctx)
-        formula["all_to_all"] = 4 * rows * cfg.hidden_size * 4
-        last = {k: counts[k] for k in counts}  # the last step alone, for the EP rows taken from that step
-        row.update({"measured_bytes_per_rank": measured, "formula_bytes_per_rank": formula,
-                    "last_step_all_to_all": last["all_to_all"]})
+        formula["all_to_all"] = 2 * ep_bytes / (W * steps)  # the forward's rows again in the backward
+        # what uniform routing would send: per MoE layer (MTP's too) T_local x K slots, (ep-1)/ep of them away, four
+        # times (dispatch, combine, and their gradients), H fp32 values each
+        n_moe = cfg.n_moe_layers + cfg.num_nextn_predict_layers
+        ep = ctx.cfg.ep
+        formula["all_to_all_uniform"] = (4 * n_moe * (batch // W) * seq * cfg.num_experts_per_tok * (ep - 1) / ep
+                                         * cfg.hidden_size * 4)
+        row.update({"measured_bytes_per_rank": measured, "formula_bytes_per_rank": formula})
         if not ctx.is_main:
             return None
     return row
@@ -191,13 +195,13 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| preset | ranks | mesh | tokens/s | s/step | all-gather MiB/rank (formula) | reduce-scatter MiB/rank "
-          "(formula) | all-to-all MiB/rank (formula) |\n|---|---|---|---|---|---|---|---|")
+          "(formula) | all-to-all MiB/rank (counted rows; uniform routing) |\n|---|---|---|---|---|---|---|---|")
     mib = 2**20
     for r in rows:
         m, f = r.get("measured_bytes_per_rank"), r.get("formula_bytes_per_rank")
         cells = ["-"] * 3 if m is None else [
             f"{m[k] / mib:.2f} ({f[k] / mib:.2f})" for k in ("all_gather", "reduce_scatter")] + [
-            f"{r['last_step_all_to_all'] / mib:.2f} ({f['all_to_all'] / mib:.2f})"]
+            f"{m['all_to_all'] / mib:.2f} ({f['all_to_all'] / mib:.2f}; {f['all_to_all_uniform'] / mib:.2f})"]
         print(f"| {r['preset']} | {r['world']} | {r['mesh']} | {r['tokens_per_s']:,.0f} | {r['s_per_step']:.2f} | "
               + " | ".join(cells) + " |")
     if args.json:

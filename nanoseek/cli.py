@@ -200,10 +200,15 @@ def _sft(args: argparse.Namespace, ctx) -> int:  # type: ignore[no-untyped-def]
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
+    return _parallel(args, lambda ctx: _grpo(args, ctx))
+
+
+def _grpo(args: argparse.Namespace, ctx) -> int:  # type: ignore[no-untyped-def]
     from .config import override, parse_assignments
     from .io import load_checkpoint
     from .io.paths import load_tokenizer, resolve_checkpoint
     from .rl.grpo import GRPOConfig, GRPOTrainer
+    from .train.checkpoint import is_sharded, load_sharded_model
 
     # the configuration first: a bad --task / --knob / --set fails before any checkpoint is read
     steps = {} if args.steps is None else {"steps": args.steps}
@@ -211,10 +216,11 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     cfg = override(cfg, parse_assignments(args.set, "--set"), "GRPO setting")
     init = resolve_checkpoint(args.init)
     tok = load_tokenizer(init, args.tokenizer)
-    trainer = GRPOTrainer(load_checkpoint(init), tok, cfg, args.out, resume=args.resume)
+    model = load_sharded_model(init) if is_sharded(init) else load_checkpoint(init)
+    trainer = GRPOTrainer(model, tok, cfg, args.out, resume=args.resume, parallel=ctx)
     records = trainer.run()
     evals = [r for r in records if r["kind"] == "eval"]
-    if evals:
+    if evals and trainer.is_main:
         print(f"held-out accuracy {evals[0]['heldout_accuracy']:.1%} (step {evals[0]['step']}) -> "
               f"{evals[-1]['heldout_accuracy']:.1%} (step {evals[-1]['step']}) on {evals[-1]['heldout_n']} problems; "
               f"metrics {Path(args.out) / 'metrics.jsonl'}, plot {Path(args.out) / 'grpo.png'}")
@@ -287,8 +293,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 PARALLEL_HELP = ("a mesh under torchrun, e.g. dp=2,ep=2 (data-parallel FSDP2 x expert-parallel ranks; omitted "
-                 "dimensions are 1), plus nodes=, activation_checkpoint=, reshard_after_forward=, fp8_dispatch=, "
-                 "timeout= (nanoseek.parallel.ParallelConfig)")
+                 "dimensions are 1), plus nodes=, meta_init=, activation_checkpoint=, reshard_after_forward=, "
+                 "fp8_dispatch=, timeout= (nanoseek.parallel.ParallelConfig)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a GRPOConfig field, e.g. group_size=16, beta=0.001, aggregation=dapo, eps_high=0.28")
+    p.add_argument("--parallel", metavar="MESH", help=PARALLEL_HELP + "; rollouts run on each rank's whole copy")
     p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("distill", help="rejection-sample a teacher's verified answers, then SFT a student")

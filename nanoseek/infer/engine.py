@@ -190,11 +190,12 @@ class Engine:
         return reqs
 
     def generate_groups(self, prompts: Sequence[Sequence[int]], k: int, params: SamplingParams,
-                        seed: int | None = None) -> list[list[Request]]:
+                        seed: int | None = None, first: int = 0) -> list[list[Request]]:
         """k samples of every prompt, all batched together (e.g. GRPO groups, rejection sampling); sample j of
-        prompt i is seeded `seed * 1_000_003 + i * k + j` (reproducible), or left unseeded when seed is None."""
+        prompt i is seeded `seed * 1_000_003 + (first + i) * k + j` (reproducible; `first`: the index of prompts[0]
+        in a larger set shared out between processes), or left unseeded when seed is None."""
         def seeded(i: int, j: int) -> SamplingParams:
-            return dataclasses.replace(params, seed=None if seed is None else seed * 1_000_003 + i * k + j)
+            return dataclasses.replace(params, seed=None if seed is None else seed * 1_000_003 + (first + i) * k + j)
 
         reqs = [[self.submit(p, seeded(i, j)) for j in range(k)] for i, p in enumerate(prompts)]
         while not all(r.finished for row in reqs for r in row):

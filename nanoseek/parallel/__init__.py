@@ -4,9 +4,9 @@ routing, FSDP2, and sharded (DCP) checkpoints."""
 from .config import ParallelConfig
 from .expert import ExpertParallelDispatch, Traffic
 from .launch import DistributedError, ParallelContext, init_distributed, shutdown
-from .parallelize import clip_grad_norm, expert_traffic, parallelize
+from .parallelize import clip_grad_norm, expert_traffic, materialize, parallelize
 
 __all__ = [
     "DistributedError", "ExpertParallelDispatch", "ParallelConfig", "ParallelContext", "Traffic", "clip_grad_norm",
-    "expert_traffic", "init_distributed", "parallelize", "shutdown",
+    "expert_traffic", "init_distributed", "materialize", "parallelize", "shutdown",
 ]

@@ -22,6 +22,10 @@ class ParallelConfig:
     # nodes the ep group spans (node-limited routing): expert groups are placed so that each lives on one node.
     # None: from torchrun (world size / ranks per node); set it to simulate nodes as rank groups on one machine
     nodes: int | None = param(None, POSITIVE)
+    # build the model on the meta device and initialise each rank's shards only (for models too big for one
+    # device; the initial values then differ from a single process's). Off: every rank builds the whole model with
+    # the run's seed before sharding it, which reproduces the single-process run
+    meta_init: bool = False
     activation_checkpoint: bool = False  # recompute each block's activations in the backward
     reshard_after_forward: bool = True  # FSDP2: free the gathered block weights after its forward (ZeRO-3)
     fp8_dispatch: bool = False  # EP: send the dispatched activations in FP8 (1x128 scales), combine in BF16 (V3 §3.3)

@@ -17,6 +17,7 @@ import math
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -79,6 +80,17 @@ def parallelize(model: Transformer, ctx: ParallelContext) -> Transformer:
         fully_shard(block, mesh=ctx.dense_mesh, reshard_after_forward=reshard, mp_policy=mp)
     fully_shard(model, mesh=ctx.dense_mesh, reshard_after_forward=False, mp_policy=mp)
     return model
+
+
+@torch.no_grad()
+def materialize(model: Transformer, device: torch.device, seed: int) -> None:
+    """A model built on the meta device and parallelized: allocate each rank's shards on `device` and initialise
+    them (`Transformer.init_weights` on the DTensor shards). No rank ever holds the whole model. Every parameter is
+    sharded (none replicated), so each rank draws its shards from its own seed (DTensor's random ops on the CPU
+    would give every shard the same values); the values differ from a single process's initialisation."""
+    model.to_empty(device=device)
+    torch.manual_seed(seed + 1_000_003 * dist.get_rank())
+    model.init_weights()
 
 
 def expert_traffic(model: nn.Module) -> Traffic | None:

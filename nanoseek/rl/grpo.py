@@ -10,6 +10,11 @@ old log-probs (pi_old = the policy that sampled) and reference log-probs -> mu o
 -> metrics (reward, accuracy, format rate, length, KL, clip fraction, entropy) to metrics.jsonl. The reference is
 refreshed from the policy every ref_refresh_every steps. Checkpoints hold the policy, optimizer, RNG and reference.
 
+Distributed (`parallel`, a rank of a torchrun launch): the policy that is trained is parallelized (FSDP2 / EP,
+nanoseek.parallel); each rank keeps a whole copy of it for its rollouts (the engine runs in-process, without
+collectives), refreshed from the trained shards after every update, and samples its share of the step's questions
+with the seeds the single-process run gives them; the losses are normalised over the global batch.
+
 The run / save / resume / signal code is the pre-training Trainer's (nanoseek.train.loop.RunLoop). With
 `max_minutes` the run is time-budgeted: it stops when the next training step would exceed the budget (evaluation and
 checkpoints are not counted), the progress bar shows seconds spent / budget, and a resumed run continues with the
@@ -30,10 +35,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..config import ConfigError
 from ..infer.chat import encode_chat
 from ..infer.engine import Engine, SamplingParams
 from ..model import Transformer
-from ..train.checkpoint import load_latest
+from ..parallel import ParallelContext, clip_grad_norm, parallelize
+from ..train.checkpoint import load_latest, load_latest_sharded
 from ..train.loop import RunLoop, TimeBudget
 from ..train.metrics import MetricsLog, read_metrics
 from .config import GRPOConfig
@@ -65,26 +72,45 @@ class GRPOTrainer(RunLoop):
     evaluate_first = True  # held-out accuracy before the first step
 
     def __init__(self, model: Transformer, tokenizer: Any, cfg: GRPOConfig, out_dir: str | Path,
-                 resume: bool = False, progress: bool = True, reward_fn: Callable[..., float] | None = None) -> None:
+                 resume: bool = False, progress: bool = True, reward_fn: Callable[..., float] | None = None,
+                 parallel: ParallelContext | None = None) -> None:
         """reward_fn: a reward `(prompt, completion, **problem fields) -> float` replacing the task's default
         (accuracy + format_weight * format); accuracy and format rate are still reported."""
         self.cfg, self.tok, self.reward_fn = cfg, tokenizer, reward_fn
+        self.par = parallel
+        self.is_main = parallel is None or parallel.is_main
+        self.world, self.rank = (parallel.world_size, parallel.rank) if parallel is not None else (1, 0)
+        if cfg.questions_per_step % self.world:
+            raise ConfigError(f"questions_per_step={cfg.questions_per_step} does not split over {self.world} ranks")
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self._init_loop(self.out, TimeBudget(cfg.max_minutes * 60) if cfg.max_minutes is not None else None, progress)
+        self._init_loop(self.out, TimeBudget(cfg.max_minutes * 60) if cfg.max_minutes is not None else None,
+                        progress and self.is_main)
         torch.manual_seed(cfg.seed)
-        resumed = load_latest(self.ckpt_root) if resume else None
+        resumed = load_latest(self.ckpt_root) if resume and parallel is None else None
         if resumed is not None:
             path, model, opt_tensors, state, rng = resumed
         self.model = model.eval()  # eval mode throughout: no balance loss; gradients still flow
+        # the model the engine samples with: the policy itself, or (distributed) a whole copy of it on this rank
+        self.rollout_model = copy.deepcopy(self.model).requires_grad_(False) if parallel is not None else self.model
+        self.ref = copy.deepcopy(self.model).requires_grad_(False) if cfg.beta > 0 else None
+        if parallel is not None:
+            parallelize(self.model, parallel)
+            self.sharded, self._agree, self._same_float = True, parallel.agree, parallel.broadcast_float
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                            weight_decay=cfg.weight_decay)
-        self.ref = copy.deepcopy(self.model).requires_grad_(False) if cfg.beta > 0 else None
-        if resumed is not None:
+        if resume and parallel is not None:
+            got = load_latest_sharded(self.ckpt_root, self.model, self.optimizer)
+            if got is not None:
+                path, state, rng = got
+                self._restore_run(path, state, rng, inherit_budget=False)
+                self._sync_rollout_model()
+                resumed = got  # type: ignore[assignment]
+        elif resumed is not None:
             # the budget is the config's (max_minutes); the seconds spent come from the checkpoint
             self._restore(path, self.optimizer, opt_tensors, state, rng, inherit_budget=False)
-            if self.ref is not None and (path / "ref.safetensors").exists():
-                self.ref.load_state_dict(load_file(path / "ref.safetensors"))
+        if resumed is not None and self.ref is not None and (path / "ref.safetensors").exists():
+            self.ref.load_state_dict(load_file(path / "ref.safetensors"))
         n_per_step = cfg.questions_per_step
         self.problems = generate(cfg.task, seed=cfg.seed, split="train", **cfg.task_knobs)
         for _ in itertools.islice(self.problems, self.step * n_per_step):  # the problems earlier steps used
@@ -92,16 +118,34 @@ class GRPOTrainer(RunLoop):
         self.heldout = heldout_set(cfg.task, cfg.eval_n, **cfg.task_knobs)
         max_prompt = max(len(problem_prompt(p, tokenizer, cfg.template)) for p in self.heldout)
         self.max_len = max_prompt + 32 + cfg.max_new_tokens
-        self.engine = Engine(self.model, tokenizer, max_batch=min(64, n_per_step * cfg.group_size),
+        self.engine = Engine(self.rollout_model, tokenizer, max_batch=min(64, n_per_step * cfg.group_size),
                              max_len=self.max_len)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resumed else None)
-        (self.out / "grpo_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resumed else None,
+                                  enabled=self.is_main)
+        if self.is_main:
+            (self.out / "grpo_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    def _sync_rollout_model(self) -> None:
+        """Distributed: the rollout copy takes the trained policy's weights (gathered from the shards)."""
+        if self.rollout_model is not self.model:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+            self.rollout_model.load_state_dict(full)
+
+    def _sum(self, *values: float) -> list[float]:
+        """The values summed over the ranks (themselves in one process)."""
+        if self.par is None:
+            return list(values)
+        return self.par.all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
 
     # ---- rollouts and log-probs ------------------------------------------------------------------
-    def rollout(self, problems: list[Problem], n: int, params: SamplingParams, seed: int | None) -> list[list]:
-        """n completions per problem: [(prompt ids, completion ids incl. a final EOS if it stopped, text)]."""
+    def rollout(self, problems: list[Problem], n: int, params: SamplingParams, seed: int | None,
+                first: int = 0) -> list[list]:
+        """n completions per problem: [(prompt ids, completion ids incl. a final EOS if it stopped, text)].
+        `first`: the index of problems[0] in the step's questions (its samples' seeds)."""
         prompts = [problem_prompt(p, self.tok, self.cfg.template) for p in problems]
-        groups = self.engine.generate_groups(prompts, n, params, seed)
+        groups = self.engine.generate_groups(prompts, n, params, seed, first)
         return [(prompt, list(r.output_ids) + ([self.tok.eos_id] if r.finish_reason == "stop" else []), r.text)
                 for prompt, group in zip(prompts, groups, strict=True) for r in group]
 
@@ -129,8 +173,11 @@ class GRPOTrainer(RunLoop):
     def train_step(self) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.time()
         problems = list(itertools.islice(self.problems, cfg.questions_per_step))
+        share = cfg.questions_per_step // self.world  # this rank's questions (all of them in one process)
+        first = self.rank * share
+        problems = problems[first:first + share]
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        rolls = self.rollout(problems, cfg.group_size, params, seed=cfg.seed * 100_003 + self.step)
+        rolls = self.rollout(problems, cfg.group_size, params, seed=cfg.seed * 100_003 + self.step, first=first)
         scored = [score(problems[k // cfg.group_size], text, cfg.format_weight) for k, (_, _, text) in enumerate(rolls)]
         if self.reward_fn is not None:
             rewards = torch.tensor([float(self.reward_fn(problems[k // cfg.group_size].prompt, text,
@@ -149,7 +196,9 @@ class GRPOTrainer(RunLoop):
                 ent.append((e * m).sum() / m.sum())
                 if self.ref is not None:
                     ref.append(self.token_logp(self.ref, seqs[a : a + cfg.micro_batch])[0])
-        active = sum(len(c) for _, c in seqs)
+        # the aggregation's normaliser over the global batch (all ranks): sequences (grpo, dr_grpo) or tokens (dapo);
+        # FSDP averages the ranks' gradients, so each rank's share is scaled by the world size
+        n_all, active = self._sum(float(N), float(sum(len(c) for _, c in seqs)))
         stats: dict[str, float] = {}
         for _ in range(cfg.mu):
             self.optimizer.zero_grad(set_to_none=True)
@@ -161,22 +210,32 @@ class GRPOTrainer(RunLoop):
                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,  # type: ignore[arg-type]
                     max_len=cfg.max_new_tokens,
                 )
-                # the aggregation's normaliser over the whole batch: sequences (grpo, dr_grpo) or tokens (dapo)
-                w = m.sum().item() / active if cfg.aggregation == "dapo" else len(chunk) / N
+                w = (m.sum().item() / active if cfg.aggregation == "dapo" else len(chunk) / n_all) * self.world
                 (loss * w).backward()
                 for key, v in st.items():
                     stats[key] = stats.get(key, 0.0) + v * w / cfg.mu
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if self.par is not None:
+                gnorm = clip_grad_norm(self.model, cfg.grad_clip, self.par)
+            else:
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
+        self._sync_rollout_model()
         self.step += 1
         if self.ref is not None and self.step % cfg.ref_refresh_every == 0:
-            self.ref.load_state_dict(self.model.state_dict())
+            self.ref.load_state_dict(self.rollout_model.state_dict())
         lengths = torch.tensor([float(len(c)) for _, c, _ in rolls])
+        entropy = torch.stack(ent).mean().item()
+        if self.par is not None:  # every rank's rollouts (rank order = the single process's order)
+            rewards = self.par.all_gather(rewards)
+            lengths = self.par.all_gather(lengths)
+            entropy = self._sum(entropy)[0] / self.world
+            stats = {k: v / self.world for k, v in zip(stats, self._sum(*stats.values()), strict=True)}
+        acc, fmt = self._sum(sum(s[1] for s in scored), sum(s[2] for s in scored))
         return {
             "kind": "train", "step": self.step, "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std().item(), "accuracy": sum(s[1] for s in scored) / N,
-            "format_rate": sum(s[2] for s in scored) / N, "completion_len": lengths.mean().item(),
-            "entropy": torch.stack(ent).mean().item(), "all_equal_groups": all_equal_fraction(rewards, cfg.group_size),
+            "reward_std": rewards.std().item(), "accuracy": acc / n_all,
+            "format_rate": fmt / n_all, "completion_len": lengths.mean().item(),
+            "entropy": entropy, "all_equal_groups": all_equal_fraction(rewards, cfg.group_size),
             "grad_norm": float(gnorm), "seconds": time.time() - t0, **stats,
         }
 
@@ -184,11 +243,13 @@ class GRPOTrainer(RunLoop):
     def evaluate(self, problems: list[Problem] | None = None) -> dict[str, float]:
         """Greedy accuracy and format rate on the fixed held-out problems."""
         problems = problems if problems is not None else self.heldout
+        problems = problems[self.rank::self.world]  # distributed: each rank scores its share
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens)
-        rolls = self.rollout(problems, 1, params, seed=None)
+        rolls = self.rollout(problems, 1, params, seed=None) if problems else []
         scored = [score(p, text, self.cfg.format_weight) for p, (_, _, text) in zip(problems, rolls, strict=True)]
-        return {"kind": "eval", "step": self.step, "heldout_accuracy": sum(s[1] for s in scored) / len(scored),
-                "heldout_format_rate": sum(s[2] for s in scored) / len(scored), "heldout_n": len(scored)}
+        acc, fmt, n = self._sum(sum(s[1] for s in scored), sum(s[2] for s in scored), float(len(scored)))
+        return {"kind": "eval", "step": self.step, "heldout_accuracy": acc / n, "heldout_format_rate": fmt / n,
+                "heldout_n": int(n)}
 
     def save(self) -> Path:
         """Policy + optimizer + RNG (+ reference weights, + tokenizer.json) as one atomic checkpoint."""
@@ -196,10 +257,12 @@ class GRPOTrainer(RunLoop):
         staging.mkdir(exist_ok=True)
         extra = []
         if hasattr(self.tok, "save"):
-            self.tok.save(staging / "tokenizer.json")
+            if self.is_main:
+                self.tok.save(staging / "tokenizer.json")
             extra.append(staging / "tokenizer.json")
         if self.ref is not None:
-            save_file({k: v.contiguous() for k, v in self.ref.state_dict().items()}, staging / "ref.safetensors")
+            if self.is_main:
+                save_file({k: v.contiguous() for k, v in self.ref.state_dict().items()}, staging / "ref.safetensors")
             extra.append(staging / "ref.safetensors")
         return self._checkpoint(self.model, self.optimizer, {"grpo_config": self.cfg.to_dict()}, self.cfg.keep_last,
                                 extra_files=extra)
@@ -217,7 +280,8 @@ class GRPOTrainer(RunLoop):
         """Train to cfg.steps (or until max_minutes of training steps) with held-out evaluation before the first
         and after every eval_every steps; SIGINT/SIGTERM checkpoint and stop. Returns the records of this run."""
         records, _ = self._run_loop(self.cfg.steps)
-        plot_grpo(read_metrics(self.out / "metrics.jsonl"), self.out / "grpo.png")
+        if self.is_main:
+            plot_grpo(read_metrics(self.out / "metrics.jsonl"), self.out / "grpo.png")
         return records
 
 

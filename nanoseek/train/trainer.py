@@ -28,7 +28,7 @@ from ..fp8 import convert_to_fp8, emulate_bf16_gemms
 from ..io import build, load_checkpoint, read_config
 from ..model import ModelConfig, Transformer, update_bias
 from ..model.moe import MoE
-from ..parallel import ParallelContext, clip_grad_norm, expert_traffic, parallelize
+from ..parallel import ParallelContext, clip_grad_norm, expert_traffic, materialize, parallelize
 from .checkpoint import is_sharded, load_latest, load_latest_sharded, load_sharded_model
 from .config import TrainConfig, write_resolved
 from .loop import RunLoop, TimeBudget
@@ -119,7 +119,8 @@ class Trainer(RunLoop):
             model = (load_sharded_model(path, self.device) if is_sharded(path)  # a distributed run's checkpoint
                      else load_checkpoint(path, torch.float32, self.device))
         else:
-            path, model = None, build(model_cfg, torch.float32, self.device)
+            meta = parallel is not None and parallel.cfg.meta_init  # shards are allocated after parallelize
+            path, model = None, build(model_cfg, torch.float32, "meta" if meta else self.device)
         if path is not None:
             self._check_config(path, model.config)
         self.model: Transformer = model.train()
@@ -130,6 +131,8 @@ class Trainer(RunLoop):
         set_balance_loss_weight(self.model, cfg.aux_loss_alpha)
         if parallel is not None:
             parallelize(self.model, parallel)
+            if next(self.model.parameters()).device.type == "meta":
+                materialize(self.model, self.device, cfg.seed)
             self.sharded, self._agree, self._same_float = True, parallel.agree, parallel.broadcast_float
         self.optimizer = build_optimizer(self.model, cfg)
         if resume and parallel is not None:

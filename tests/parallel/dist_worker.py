@@ -2,6 +2,7 @@
 
 step MESH...      one forward/backward of a small MoE model per mesh vs the same model in this process: loss and
                   every gradient; EP traffic vs the routing it came from (node-limited routing)
+grpo MESH TOKENIZER RUN   a few GRPO steps with the policy parallelized (rollouts on each rank's copy)
 hang              rank 1 stops answering (the others must give up within the timeout)
 train MESH DATA RUN STEPS [MAX]   the Trainer (API) on DATA for STEPS steps (stopping after MAX), resuming RUN if
                   it has a checkpoint; then the logits of the trained model on fixed tokens
@@ -17,7 +18,14 @@ import torch
 
 from nanoseek.io import build
 from nanoseek.model import ModelConfig, preset
-from nanoseek.parallel import ParallelConfig, clip_grad_norm, expert_traffic, init_distributed, parallelize
+from nanoseek.parallel import (
+    ParallelConfig,
+    clip_grad_norm,
+    expert_traffic,
+    init_distributed,
+    materialize,
+    parallelize,
+)
 from nanoseek.train import TrainConfig, Trainer
 
 
@@ -46,6 +54,9 @@ def scenario_step(out: Path, meshes: list[str]) -> None:
         mesh, _, flag = spec.partition("|")  # "|nolimit": every group may be chosen (no node limit)
         pc = ParallelConfig.parse(mesh)
         ctx = init_distributed(pc)
+        if flag == "meta":
+            results[spec] = meta_init_check(ctx)
+            continue
         topk_group = 4 if flag == "nolimit" else 2
         cfg = model_config(topk_group=topk_group)
         torch.manual_seed(0)
@@ -101,6 +112,28 @@ def scenario_step(out: Path, meshes: list[str]) -> None:
         out.write_text(json.dumps(results))
 
 
+def meta_init_check(ctx) -> dict:
+    """Build on meta, parallelize, materialise: each rank allocates and initialises its shards only."""
+    cfg = model_config()
+    model = build(cfg, torch.float32, "meta")
+    parallelize(model, ctx)
+    materialize(model, ctx.device, seed=0)
+    dup, stds = [], {}
+    for name, p in model.named_parameters():
+        full = p.full_tensor()
+        if full.dim() >= 2 and "norm" not in name:
+            half = full.shape[0] // 2
+            dup.append(bool(torch.equal(full[:half], full[half:2 * half])))
+            stds[name] = full.std().item()
+    torch.manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (2, 17))
+    out = model(x[:, :-1], labels=x[:, 1:])
+    out.loss.backward()
+    return {"duplicated_halves": any(dup), "stds": stds, "init_std": cfg.initializer_range,
+            "main_loss": out.main_loss.item(), "local_numel": sum(p.to_local().numel() for p in model.parameters()),
+            "numel": sum(p.numel() for p in model.parameters())}
+
+
 def scenario_train(out: Path, spec: str, data: str, run: str, steps: int, max_steps: int | None) -> None:
     ctx = init_distributed(ParallelConfig.parse(spec))
     m, t = train_configs(steps)
@@ -116,6 +149,44 @@ def scenario_train(out: Path, spec: str, data: str, run: str, steps: int, max_st
         logits = tr.model(x).logits
     if ctx.is_main:
         out.write_text(json.dumps({"start": start, "step": tr.step, "logits": logits.tolist(), "tokens": x.tolist()}))
+
+
+def has_e(prompt: str, completion: str, **_) -> float:
+    """A reward a random model earns sometimes (tests/rl/test_grpo.py's)."""
+    return float("e" in completion)
+
+
+def grpo_setup(tokenizer_path: str):
+    """The GRPO test's tokenizer, model and config (tests/parallel/test_parallel.py builds the same)."""
+    from nanoseek.data import Tokenizer
+    from nanoseek.rl.config import GRPOConfig
+
+    tok = Tokenizer.load(tokenizer_path)
+    torch.manual_seed(0)
+    model = build(model_config(vocab_size=tok.vocab_size, initializer_range=0.05, rope_scaling=None),
+                  torch.float32, "cpu")
+    cfg = GRPOConfig(task="arithmetic", task_knobs={"digits": 1}, steps=3, questions_per_step=4, group_size=4,
+                     max_new_tokens=8, eval_n=6, eval_every=3, ckpt_every=2, lr=1e-5, mu=2, micro_batch=3, beta=0.01,
+                     temperature=1.0)
+    return tok, model, cfg
+
+
+def scenario_grpo(out: Path, spec: str, tokenizer_path: str, run: str) -> None:
+    from nanoseek.rl.grpo import GRPOTrainer
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    ctx = init_distributed(ParallelConfig.parse(spec))
+    tok, model, cfg = grpo_setup(tokenizer_path)
+    tr = GRPOTrainer(model, tok, cfg, run, progress=False, reward_fn=has_e, parallel=ctx)
+    before = {k: v.clone() for k, v in tr.rollout_model.state_dict().items()}
+    tr.run()
+    trained = get_model_state_dict(tr.model, options=StateDictOptions(full_state_dict=True))
+    rollout = tr.rollout_model.state_dict()
+    res = {"rollout_equals_policy": all(torch.equal(rollout[k], v) for k, v in trained.items()),
+           "rollout_moved": any(not torch.equal(before[k], rollout[k]) for k in before)}
+    if ctx.is_main:
+        out.write_text(json.dumps(res))
 
 
 def scenario_hang() -> int:
@@ -143,6 +214,8 @@ if __name__ == "__main__":
     elif kind == "train":
         a = sys.argv[3:]
         scenario_train(out, a[0], a[1], a[2], int(a[3]), int(a[4]) if len(a) > 4 else None)
+    elif kind == "grpo":
+        scenario_grpo(out, *sys.argv[3:6])
     elif kind == "hang":
         sys.exit(scenario_hang())
     else:

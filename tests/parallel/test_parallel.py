@@ -5,6 +5,7 @@ checkpoints (resume at the same and at another world size, SIGKILL, export); fai
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -54,11 +55,16 @@ def _check_step(res: dict, spec: str, tol: float = 1e-5) -> None:
 
 def test_one_step_world_2_fsdp_and_ep(tmp_path):
     out = tmp_path / "r.json"
-    torchrun(2, WORKER, "step", str(out), "dp=2", "ep=2")
+    torchrun(2, WORKER, "step", str(out), "dp=2", "ep=2", "dp=2,meta_init=true|meta")
     res = json.loads(out.read_text())
     for spec in ("dp=2", "ep=2"):
         _check_step(res[spec], spec)
     assert res["ep=2"]["traffic"]["rows"] > 0  # tokens really went to the other rank
+    # built on meta: each rank allocated half the model and drew its own values (no shard repeats another)
+    meta = res["dp=2,meta_init=true|meta"]
+    assert meta["local_numel"] * 2 <= meta["numel"] + 10_000 and not meta["duplicated_halves"]
+    assert all(abs(s / meta["init_std"] - 1) < 0.2 for s in meta["stds"].values())
+    assert abs(meta["main_loss"] - math.log(97)) < 1.0
 
 
 def test_one_step_world_4_and_node_limited_routing(tmp_path):
@@ -249,6 +255,42 @@ def test_sharded_checkpoints_resume_reshard_and_export(data_dir, tmp_path):
         logits = model(torch.tensor(res["tokens"])).logits
     assert torch.allclose(logits, torch.tensor(res["logits"]), atol=1e-5, rtol=1e-5)
     assert (hf / "tokenizer.json").is_file()
+
+
+def test_grpo_training_side_matches_one_process(tmp_path):
+    """GRPO with the policy under EP x FSDP on 2 ranks: each rank samples half of the step's questions with the
+    seeds the single process gives them, so rewards, the clipped-ratio statistics and the held-out accuracy are the
+    single-process run's."""
+    from dist_worker import grpo_setup, has_e
+
+    from nanoseek.data import stdlib_sources, train_tokenizer
+    from nanoseek.rl.grpo import GRPOTrainer
+
+    texts = [p.read_text(errors="ignore") for p in stdlib_sources()[:40]]
+    train_tokenizer(texts, vocab_size=300, show_progress=False).save(tmp_path / "tokenizer.json")
+    tok, model, cfg = grpo_setup(str(tmp_path / "tokenizer.json"))
+    GRPOTrainer(model, tok, cfg, tmp_path / "one", progress=False, reward_fn=has_e).run()
+    torchrun(2, WORKER, "grpo", str(tmp_path / "r.json"), "ep=2", str(tmp_path / "tokenizer.json"),
+             str(tmp_path / "two"))
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for x, y in zip(one, two, strict=True):
+        for k in ("reward_mean", "accuracy", "completion_len", "all_equal_groups"):
+            assert y[k] == pytest.approx(x[k], rel=1e-6), (x["step"], k)
+        # (a small learning rate: after an update the weights differ in the last bits, which Adam's first steps,
+        # sign-like for near-zero gradients, would make visible at 3e-3; the loss is a small difference of large
+        # terms: compared absolutely)
+        for k in ("entropy", "grad_norm"):
+            assert rel(y[k], x[k]) < 1e-4, (x["step"], k, y[k], x[k])
+        for k in ("loss", "kl", "clip_frac"):
+            if k in x:
+                assert abs(y[k] - x[k]) < 1e-5, (x["step"], k, y[k], x[k])
+    # each rank's rollout copy holds the trained policy after every update
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res == {"rollout_equals_policy": True, "rollout_moved": True}
+    assert [r["heldout_accuracy"] for r in records(tmp_path / "one", "eval")] == [
+        r["heldout_accuracy"] for r in records(tmp_path / "two", "eval")]
+    assert (list_checkpoints(tmp_path / "two" / "checkpoints")[-1] / "ref.safetensors").is_file()
 
 
 # ---- failures ------------------------------------------------------------------------------------------------
