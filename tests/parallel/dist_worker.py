@@ -172,9 +172,9 @@ def grpo_setup(tokenizer_path: str):
 
 
 def scenario_grpo(out: Path, spec: str, tokenizer_path: str, run: str) -> None:
-    from nanoseek.rl.grpo import GRPOTrainer
-
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from nanoseek.rl.grpo import GRPOTrainer
 
     ctx = init_distributed(ParallelConfig.parse(spec))
     tok, model, cfg = grpo_setup(tokenizer_path)
