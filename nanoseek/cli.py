@@ -43,6 +43,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config import override, parse_assignments
+    from .parallel.plan import ClusterConfig, format_plan, plan
+
+    cfg = _resolve_config(args.preset)
+    sets = parse_assignments(args.set, "--set")
+    for name in ("gpus", "pp", "ep", "schedule", "mfu"):
+        if getattr(args, name) is not None:
+            sets[name] = str(getattr(args, name))
+    cluster = override(ClusterConfig(), sets, "cluster setting")
+    p = plan(cfg, cluster)
+    print(json.dumps({"cluster": cluster.__dict__, "plan": p.to_dict()}, indent=2) if args.json
+          else format_plan(args.preset, cfg, cluster, p))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build a preset, take a few training steps on random tokens, save, reload and check the logits."""
     import nanoseek
@@ -307,6 +323,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=4096, help="context length for the attention FLOPs")
     p.add_argument("--cache-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plan", help="a model on a cluster: memory per GPU, FLOPs and EP bytes per token, pipeline "
+                       "bubbles, GPU-hours (DeepSeek-V3's run by default, beside its reported figures)")
+    p.add_argument("--preset", default="v3", help="a preset, config.json or checkpoint")
+    p.add_argument("--gpus", type=int)
+    p.add_argument("--pp", type=int, help="pipeline ranks")
+    p.add_argument("--ep", type=int, help="expert-parallel ranks")
+    p.add_argument("--schedule", help="1f1b | zb1p | dualpipe | dualpipev")
+    p.add_argument("--mfu", type=float, help="model FLOPs utilisation for the GPU-hours")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="another ClusterConfig field: seq_len, micro_batch, global_batch, max_nodes, fp8_cache, "
+                        "recompute, peak_tflops, gpus_per_node, gpu_memory_gib")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("demo", help="build a preset, train a few steps, save and reload it")
     p.add_argument("--preset", default="tiny")

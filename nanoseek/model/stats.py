@@ -24,7 +24,7 @@ class ModelStats:
         return asdict(self)
 
 
-def _attn_params(c: ModelConfig) -> int:
+def attention_params(c: ModelConfig) -> int:
     h, H = c.hidden_size, c.num_attention_heads
     n = 0
     if c.q_lora_rank:
@@ -40,7 +40,7 @@ def _attn_params(c: ModelConfig) -> int:
     return n
 
 
-def _moe_params(c: ModelConfig) -> tuple[int, int]:
+def moe_params(c: ModelConfig) -> tuple[int, int]:
     """(routed expert params, other MoE params: gate + shared experts) of one MoE layer."""
     routed = c.n_routed_experts * 3 * c.hidden_size * c.moe_intermediate_size
     other = c.n_routed_experts * c.hidden_size + c.n_shared_experts * 3 * c.hidden_size * c.moe_intermediate_size
@@ -51,9 +51,9 @@ def model_stats(c: ModelConfig, seq_len: int = 4096, bytes_per_elem: int = 2) ->
     h = c.hidden_size
     emb = c.vocab_size * h
     norms = 2 * h
-    attn = _attn_params(c)
+    attn = attention_params(c)
     dense = 3 * h * c.intermediate_size
-    routed, moe_other = _moe_params(c)
+    routed, moe_other = moe_params(c)
     n_moe, n_dense = c.n_moe_layers, c.first_k_dense_replace
     blocks = c.num_hidden_layers * (attn + norms) + n_dense * dense + n_moe * (routed + moe_other)
     total = emb + blocks + h + emb  # embedding, blocks, final norm, untied head
@@ -67,9 +67,10 @@ def model_stats(c: ModelConfig, seq_len: int = 4096, bytes_per_elem: int = 2) ->
     mtp = D * mtp_one
     kv_naive = c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * bytes_per_elem
     kv_latent = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * bytes_per_elem
-    # matmul FLOPs: 2 per weight touched (embedding lookup excluded), plus q.k and p.v over the average
-    # causal context (seq_len + 1) / 2
-    matmul = 2 * (active - emb)
+    # matmul FLOPs: 2 per matrix weight touched (the embedding lookup and the norms' scales are not matmuls), plus
+    # q.k and p.v over the average causal context (seq_len + 1) / 2
+    norm_scales = c.num_hidden_layers * (2 * h + (c.q_lora_rank or 0) + c.kv_lora_rank) + h
+    matmul = 2 * (active - emb - norm_scales)
     ctx = (seq_len + 1) / 2
     attn_core = c.num_hidden_layers * 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * ctx
     return ModelStats(
