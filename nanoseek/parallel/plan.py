@@ -66,7 +66,8 @@ class ClusterConfig:
         if self.gpus % self.pp:
             raise ConfigError(f"gpus={self.gpus} do not split into pp={self.pp} pipeline ranks")
         if (self.gpus // self.pp) % self.ep:
-            raise ConfigError(f"the {self.gpus // self.pp} data-parallel ranks of a stage do not split into ep={self.ep}")
+            raise ConfigError(f"the {self.gpus // self.pp} data-parallel ranks of a stage do not split into "
+                              f"ep={self.ep}")
         if self.schedule in ("dualpipe", "dualpipev") and self.pp % 2:
             raise ConfigError(f"{self.schedule} needs an even pp, got {self.pp}")
 
