@@ -1,7 +1,8 @@
 """nanoseek: DeepSeek-V3 / R1 in plain PyTorch.
 
     import nanoseek
-    model = nanoseek.load("tiny")              # a preset, a config.json, or an HF-layout checkpoint directory
+    model = nanoseek.load("tiny")              # a preset, a config.json, an HF-layout checkpoint directory, or a
+                                                # distributed run's sharded checkpoint
     logits = model(input_ids).logits            # [B, S, V]
     nanoseek.save(model, "out/ckpt")            # Hugging Face DeepSeek-V3 layout
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .io import CheckpointError, build, load_checkpoint, save
+from .io.checkpoint import SHARDED_DIR
 from .model import PRESETS, ConfigError, ModelConfig, Transformer, preset
 
 __version__ = "0.1.0"
@@ -28,6 +30,10 @@ def load(
     weights stay in FP8 with 128x128 block scales (as the FP8 release) and are dequantised in each forward."""
     if isinstance(path_or_preset, ModelConfig):
         model = build(path_or_preset, dtype, device)
+    elif (Path(path_or_preset) / SHARDED_DIR / ".metadata").is_file():  # a distributed run's sharded checkpoint
+        from .train.checkpoint import load_sharded_model
+
+        model = load_sharded_model(path_or_preset, device or "cpu").to(dtype or torch.float32)
     elif Path(path_or_preset).is_dir():
         return load_checkpoint(path_or_preset, dtype, device, keep_fp8=keep_fp8)
     elif Path(path_or_preset).is_file():

@@ -313,6 +313,10 @@ def _check(layout: dict[str, Slot], found: dict[str, tuple[Path, tuple[int, ...]
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(head) + more)
 
 
+# where a distributed run's sharded (torch.distributed.checkpoint) checkpoint keeps its shards (nanoseek.train)
+SHARDED_DIR = "dcp"
+
+
 def read_config(path: str | os.PathLike[str]) -> ModelConfig:
     p = Path(path)
     cfg_file = p / "config.json" if p.is_dir() else p
@@ -357,6 +361,9 @@ def load_checkpoint(
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a checkpoint directory")
+    if (p / SHARDED_DIR / ".metadata").is_file():
+        raise CheckpointError(f"{p}: a sharded checkpoint of a distributed run (its weights are in {SHARDED_DIR}/); "
+                              f"gather it into the Hugging Face layout with `nanoseek export {p} --out DIR`")
     try:
         cfg = read_config(p)
     except ConfigError as e:

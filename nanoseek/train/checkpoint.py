@@ -32,11 +32,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from ..io import CheckpointError, build, load_checkpoint, read_config, save
 from ..io.atomic import atomic_write_text, commit_dir
+from ..io.checkpoint import SHARDED_DIR
 from ..model import Transformer
 from .optim import optimizer_from_tensors, optimizer_to_tensors
 
 MANIFEST = "manifest.json"
-SHARDS = "dcp"  # the torch.distributed.checkpoint directory of a sharded checkpoint
+SHARDS = SHARDED_DIR  # the torch.distributed.checkpoint directory of a sharded checkpoint
 
 
 def _sha256(path: Path) -> str:

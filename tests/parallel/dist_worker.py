@@ -3,6 +3,7 @@
 step MESH...      one forward/backward of a small MoE model per mesh vs the same model in this process: loss and
                   every gradient; EP traffic vs the routing it came from (node-limited routing)
 grpo MESH TOKENIZER RUN   a few GRPO steps with the policy parallelized (rollouts on each rank's copy)
+pipeline SCHED... each pipeline schedule against one process (loss, gradients, expert loads)
 hang              rank 1 stops answering (the others must give up within the timeout)
 train MESH DATA RUN STEPS [MAX]   the Trainer (API) on DATA for STEPS steps (stopping after MAX), resuming RUN if
                   it has a checkpoint; then the logits of the trained model on fixed tokens
@@ -189,6 +190,64 @@ def scenario_grpo(out: Path, spec: str, tokenizer_path: str, run: str) -> None:
         out.write_text(json.dumps(res))
 
 
+def scenario_pipeline(out: Path, schedules: list[str]) -> None:
+    """Each schedule at pp = world size, 4 micro-batches, against the whole batch in one process: the loss, every
+    gradient of this rank's stages and the expert loads its MoE layers saw."""
+    import torch.distributed as dist
+
+    from nanoseek.parallel.pipeline import build_pipeline, stage_parameters, sync_tied_embedding
+
+    ctx = init_distributed(ParallelConfig(dp=int(__import__("os").environ["WORLD_SIZE"])))
+    group = dist.group.WORLD
+    results = {}
+    for schedule in schedules:
+        cfg = model_config(num_hidden_layers=4, num_nextn_predict_layers=1)
+        torch.manual_seed(0)
+        B, S, m = 8, 16, 4
+        x = torch.randint(0, cfg.vocab_size, (B, S + 1))
+        ref = build(cfg, torch.float32, "cpu").train()
+        ref_out = ref(x[:, :-1], labels=x[:, 1:], mtp_loss_weight=0.3)
+        ref_out.loss.backward()
+        model = build(cfg, torch.float32, "cpu").train()
+        model.load_state_dict(ref.state_dict())
+        sched, modules = build_pipeline(model, group, schedule, m, mtp_loss_weight=0.3)
+        first, last = any(mo.first for mo in modules), any(mo.last for mo in modules)
+        losses: list[torch.Tensor] = []
+        if first and last:
+            sched.step(x[:, :-1], target=x[:, 1:], losses=losses)
+        elif first:
+            sched.step(x[:, :-1])
+        elif last:
+            sched.step(target=x[:, 1:], losses=losses)
+        else:
+            sched.step()
+        sync_tied_embedding(model, modules, group, schedule)
+        names = {id(p): n for n, p in model.named_parameters()}
+        ref_grads = dict(ref.named_parameters())
+        worst, worst_name = 0.0, ""
+        for p in stage_parameters(modules):
+            n = names[id(p)]
+            g, r = p.grad, ref_grads[n].grad
+            e = ((g - r).norm() / r.norm().clamp_min(1e-30)).item() if g is not None else float("inf")
+            if e > worst:
+                worst, worst_name = e, n
+        # every layer's expert loads over the micro-batches == the whole batch's
+        moe_layers = [i for i in range(cfg.num_hidden_layers) if i >= cfg.first_k_dense_replace]
+        mine = [i for mo in modules for i in range(mo.start, mo.stop) if i in moe_layers]
+        load = sum(t.sum() for mo in modules for t in mo.loads).item()
+        ref_load = sum(ref_out.expert_load[moe_layers.index(i)].sum().item() for i in mine)
+        loss = torch.stack(losses).mean().item() if losses else None
+        res = torch.tensor([worst, abs(load - ref_load),
+                            abs(loss - ref_out.loss.item()) / ref_out.loss.item() if loss is not None else 0.0,
+                            1.0 if loss is not None else 0.0, float(len(stage_parameters(modules)))])
+        gathered = ctx.all_gather(res[None])
+        results[schedule] = {"worst_grad_rel": gathered[:, 0].max().item(), "load_diff": gathered[:, 1].max().item(),
+                             "loss_rel": gathered[:, 2].max().item(), "ranks_with_loss": int(gathered[:, 3].sum()),
+                             "params_per_rank": gathered[:, 4].tolist(), "worst_name": worst_name}
+    if ctx.is_main:
+        out.write_text(json.dumps(results))
+
+
 def scenario_hang() -> int:
     """Rank 1 stops answering; rank 0's next collective must end within the timeout, with one line."""
     import argparse
@@ -216,6 +275,8 @@ if __name__ == "__main__":
         scenario_train(out, a[0], a[1], a[2], int(a[3]), int(a[4]) if len(a) > 4 else None)
     elif kind == "grpo":
         scenario_grpo(out, *sys.argv[3:6])
+    elif kind == "pipeline":
+        scenario_pipeline(out, sys.argv[3:])
     elif kind == "hang":
         sys.exit(scenario_hang())
     else:

@@ -19,9 +19,10 @@ import pytest
 import torch
 from dist_worker import train_configs
 
+import nanoseek
 from nanoseek.cli import main
 from nanoseek.data import prepare_corpus
-from nanoseek.io import load_checkpoint
+from nanoseek.io import CheckpointError, load_checkpoint
 from nanoseek.train import Trainer
 from nanoseek.train.checkpoint import list_checkpoints
 
@@ -259,6 +260,12 @@ def test_sharded_checkpoints_resume_reshard_and_export(data_dir, tmp_path):
         logits = model(torch.tensor(res["tokens"])).logits
     assert torch.allclose(logits, torch.tensor(res["logits"]), atol=1e-5, rtol=1e-5)
     assert (hf / "tokenizer.json").is_file()
+    # nanoseek.load (and so generate / serve) reads the sharded checkpoint itself; the HF loader says what it is
+    direct = nanoseek.load(list_checkpoints(a / "checkpoints")[-1]).eval()
+    with torch.no_grad():
+        assert torch.equal(direct(torch.tensor(res["tokens"])).logits, logits)
+    with pytest.raises(CheckpointError, match="nanoseek export"):
+        load_checkpoint(list_checkpoints(a / "checkpoints")[-1])
 
 
 def test_grpo_training_side_matches_one_process(tmp_path):

@@ -1,0 +1,152 @@
+"""Pipeline parallelism on torch.distributed.pipelining: the model's layers cut into stages (Transformer.stages'
+split), one or two stages per rank, run by PyTorch's schedules (1F1B, interleaved 1F1B, DualPipeV).
+
+    stage s      layers [bounds[s], bounds[s+1]); the first also embeds, the last's output goes to the loss
+    loss         the output stage -- final norm, head, the MTP modules and their losses -- runs in the schedule's
+                 loss function on the last stage (so the MTP modules see the micro-batch's labels)
+    balance loss each stage's MoE layers add theirs where they are: the hidden state passes through an identity
+                 whose backward also sends gradient 1 into the stage's balance loss (Megatron's aux-loss scaler),
+                 so nothing but the hidden state crosses a stage boundary
+    placement    "loop" (stage s on rank s % pp: 1F1B, interleaved) or "v" (DualPipeV: rank r holds stages r and
+                 2 pp - 1 - r, so the first and the last stage -- embedding, head and MTP -- share rank 0, V3 §3.2.1)
+
+Where the first and the last stage live on different ranks and the model has MTP modules, the last rank keeps its own
+copy of the embedding (MTP embeds the next tokens with it); `sync_tied_embedding` sums the two copies' gradients.
+The schedules average the micro-batches' gradients (scale_grads), so a step equals the single-process step on the
+whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+
+from ..model import Transformer
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
+             "dualpipev": ScheduleDualPipeV}
+MULTI = ("interleaved", "dualpipev")  # two stages per rank
+
+
+class _AddBalanceLoss(torch.autograd.Function):
+    """Identity on h; the backward also gives the stage's balance loss the gradient 1 (its weight in the loss)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.aux_shape = aux.shape
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        return g, torch.ones(ctx.aux_shape, dtype=g.dtype, device=g.device)
+
+
+class PipelineStageModule(nn.Module):
+    """Layers [start, stop) of `model` (its own modules, registered here so that the schedule's weight gradients
+    and the rank's optimizer see them), with the embedding on the first stage and the output stage's modules
+    (final norm, head, MTP and, for MTP, the embedding) on the last."""
+
+    def __init__(self, model: Transformer, start: int, stop: int) -> None:
+        super().__init__()
+        self._model = [model]
+        self.start, self.stop = start, stop
+        self.first, self.last = start == 0, stop == len(model.model.layers)
+        self.layers = nn.ModuleList(model.model.layers[start:stop])
+        if self.first or (self.last and len(model.mtp)):
+            self.embed_tokens = model.model.embed_tokens
+        if self.last:
+            self.norm, self.lm_head, self.mtp = model.model.norm, model.lm_head, model.mtp
+        self.loads: list[torch.Tensor] = []  # [B, E] per MoE layer and micro-batch, for the bias update
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self._model[0]
+        h = model.embed(x) if self.first else x
+        pos = model.positions(h.shape[1], device=h.device)
+        h, stats = model.layers_forward(h, pos, start=self.start, stop=self.stop)
+        if stats:
+            self.loads.extend(s.load for s in stats)
+            h = _AddBalanceLoss.apply(h, torch.stack([s.balance_loss for s in stats]).sum())
+        return h
+
+
+def stage_bounds(n_layers: int, n_stages: int) -> list[int]:
+    """Layer indices where stages 1.. start: as even as possible, earlier stages one layer longer."""
+    if not 1 <= n_stages <= n_layers:
+        raise ValueError(f"{n_layers} layers cannot make {n_stages} pipeline stages")
+    return [round(s * n_layers / n_stages) for s in range(1, n_stages)]
+
+
+def stage_indices(rank: int, pp: int, schedule: str) -> list[int]:
+    """The stages rank `rank` runs: one (1F1B, GPipe), two looped (interleaved) or two in a V (DualPipeV)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if schedule == "dualpipev":
+        return [rank, 2 * pp - 1 - rank]
+    if schedule == "interleaved":
+        return [rank, rank + pp]
+    return [rank]
+
+
+def build_pipeline(model: Transformer, pp_group: dist.ProcessGroup, schedule: str, n_microbatches: int,
+                   mtp_loss_weight: float | None = None, device: torch.device | str = "cpu",
+                   ) -> tuple[object, list[PipelineStageModule]]:
+    """(the schedule, this rank's stage modules). Call `schedule.step(ids)` on the rank holding stage 0,
+    `schedule.step(target=labels, losses=out)` where the last stage is (both, on DualPipeV's rank 0), and
+    `schedule.step()` elsewhere; then `sync_tied_embedding`, clip and step the optimizer over the stages' params."""
+    pp, rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
+    n_stages = pp * (2 if schedule in MULTI else 1)
+    edges = [0, *stage_bounds(len(model.model.layers), n_stages), len(model.model.layers)]
+    modules, stages = [], []
+    for s in stage_indices(rank, pp, schedule):
+        mod = PipelineStageModule(model, edges[s], edges[s + 1])
+        modules.append(mod)
+        stages.append(PipelineStage(mod, s, n_stages, torch.device(device), group=pp_group))
+    last = next((m for m in modules if m.last), None)
+    mtp_loads: list[torch.Tensor] = []
+
+    def loss_fn(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pos = model.positions(h.shape[1], device=h.device)
+        out = model.output(h, pos, labels, [], return_logits=False, mtp_loss_weight=mtp_loss_weight)
+        if out.expert_load is not None:  # the MTP modules' MoE layers
+            mtp_loads.extend(out.expert_load)
+        return out.loss
+
+    if last is not None:
+        last.mtp_loads = mtp_loads  # type: ignore[attr-defined]
+    cls: Callable = SCHEDULES[schedule]
+    sched = cls(stages if schedule in MULTI else stages[0], n_microbatches, loss_fn=loss_fn)
+    return sched, modules
+
+
+def sync_tied_embedding(model: Transformer, modules: list[PipelineStageModule], pp_group: dist.ProcessGroup,
+                        schedule: str) -> None:
+    """Where the first and the last stage sit on different ranks and both use the embedding (MTP), sum its two
+    copies' gradients (every rank joins; a rank without either adds zeros). Under DualPipeV both are on rank 0:
+    one copy, nothing to do."""
+    if not len(model.mtp) or schedule == "dualpipev" or dist.get_world_size(pp_group) == 1:
+        return
+    emb = model.model.embed_tokens.weight
+    on_rank = [m for m in modules if m.first or m.last]
+    g = emb.grad if on_rank and emb.grad is not None else torch.zeros_like(emb)
+    dist.all_reduce(g, group=pp_group)
+    if on_rank:
+        emb.grad = g
+
+
+def stage_parameters(modules: list[PipelineStageModule]) -> list[nn.Parameter]:
+    """The parameters this rank trains (each once)."""
+    seen: dict[int, nn.Parameter] = {}
+    for m in modules:
+        for p in m.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
