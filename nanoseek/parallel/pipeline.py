@@ -12,8 +12,9 @@ split), one or two stages per rank, run by PyTorch's schedules (1F1B, interleave
 
 Where the first and the last stage live on different ranks and the model has MTP modules, the last rank keeps its own
 copy of the embedding (MTP embeds the next tokens with it); `sync_tied_embedding` sums the two copies' gradients.
-The schedules average the micro-batches' gradients (scale_grads), so a step equals the single-process step on the
-whole batch.
+Each micro-batch's loss enters with weight 1 / micro-batches (the loss function's value and the balance losses' injected
+gradient), so a step equals the single-process step on the whole batch; the schedule's own gradient scaling is off,
+since it would scale a parameter once per stage that holds it (the embedding of DualPipeV's rank 0).
 """
 
 from __future__ import annotations
@@ -39,16 +40,17 @@ MULTI = ("interleaved", "dualpipev")  # two stages per rank
 
 
 class _AddBalanceLoss(torch.autograd.Function):
-    """Identity on h; the backward also gives the stage's balance loss the gradient 1 (its weight in the loss)."""
+    """Identity on h; the backward also gives the stage's balance loss the gradient `weight` (its weight in the
+    step's loss: 1 / micro-batches)."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.aux_shape = aux.shape
-        return h.view_as(h)
+    def forward(ctx, h: torch.Tensor, aux: torch.Tensor, weight: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.aux_shape, ctx.weight = aux.shape, weight
+        return h.clone()  # not a view: the schedule detaches a stage's outputs in place after their backward
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        return g, torch.ones(ctx.aux_shape, dtype=g.dtype, device=g.device)
+        return g, torch.full(ctx.aux_shape, ctx.weight, dtype=g.dtype, device=g.device), None
 
 
 class PipelineStageModule(nn.Module):
@@ -56,9 +58,10 @@ class PipelineStageModule(nn.Module):
     and the rank's optimizer see them), with the embedding on the first stage and the output stage's modules
     (final norm, head, MTP and, for MTP, the embedding) on the last."""
 
-    def __init__(self, model: Transformer, start: int, stop: int) -> None:
+    def __init__(self, model: Transformer, start: int, stop: int, n_microbatches: int = 1) -> None:
         super().__init__()
         self._model = [model]
+        self.n_microbatches = n_microbatches
         self.start, self.stop = start, stop
         self.first, self.last = start == 0, stop == len(model.model.layers)
         self.layers = nn.ModuleList(model.model.layers[start:stop])
@@ -66,17 +69,28 @@ class PipelineStageModule(nn.Module):
             self.embed_tokens = model.model.embed_tokens
         if self.last:
             self.norm, self.lm_head, self.mtp = model.model.norm, model.lm_head, model.mtp
-        self.loads: list[torch.Tensor] = []  # [B, E] per MoE layer and micro-batch, for the bias update
+        # per forward call: the MoE layers' loads [B, E] and the stage's balance loss (see `take`)
+        self.calls: list[tuple[list[torch.Tensor], float]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         model = self._model[0]
         h = model.embed(x) if self.first else x
         pos = model.positions(h.shape[1], device=h.device)
         h, stats = model.layers_forward(h, pos, start=self.start, stop=self.stop)
-        if stats:
-            self.loads.extend(s.load for s in stats)
-            h = _AddBalanceLoss.apply(h, torch.stack([s.balance_loss for s in stats]).sum())
-        return h
+        if not stats:
+            self.calls.append(([], 0.0))
+            return h
+        balance = torch.stack([s.balance_loss for s in stats]).sum()
+        self.calls.append(([s.load for s in stats], float(balance.detach())))
+        return _AddBalanceLoss.apply(h, balance, 1.0 / self.n_microbatches)
+
+    def take(self, n_microbatches: int) -> tuple[list[torch.Tensor], float]:
+        """(this step's loads per MoE layer [micro-batches x B, E], the mean over micro-batches of the stage's
+        balance loss), and forget them. The last n_microbatches forward calls are the step's: the schedule's first
+        step also runs one forward to infer the shapes passed between stages."""
+        calls, self.calls = self.calls[-n_microbatches:], []
+        loads = [torch.cat(per_layer) for per_layer in zip(*(c[0] for c in calls), strict=True)] if calls else []
+        return loads, sum(c[1] for c in calls) / max(len(calls), 1)
 
 
 def stage_bounds(n_layers: int, n_stages: int) -> list[int]:
@@ -101,30 +115,30 @@ def build_pipeline(model: Transformer, pp_group: dist.ProcessGroup, schedule: st
                    mtp_loss_weight: float | None = None, device: torch.device | str = "cpu",
                    ) -> tuple[object, list[PipelineStageModule]]:
     """(the schedule, this rank's stage modules). Call `schedule.step(ids)` on the rank holding stage 0,
-    `schedule.step(target=labels, losses=out)` where the last stage is (both, on DualPipeV's rank 0), and
+    `schedule.step(target=labels, losses=out)` where the last stage is (both, on DualPipeV's rank 0; `sum(out)` is
+    the step's loss without the balance losses of the stages, see `PipelineStageModule.take`) and
     `schedule.step()` elsewhere; then `sync_tied_embedding`, clip and step the optimizer over the stages' params."""
     pp, rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
     n_stages = pp * (2 if schedule in MULTI else 1)
     edges = [0, *stage_bounds(len(model.model.layers), n_stages), len(model.model.layers)]
     modules, stages = [], []
     for s in stage_indices(rank, pp, schedule):
-        mod = PipelineStageModule(model, edges[s], edges[s + 1])
+        mod = PipelineStageModule(model, edges[s], edges[s + 1], n_microbatches)
         modules.append(mod)
         stages.append(PipelineStage(mod, s, n_stages, torch.device(device), group=pp_group))
     last = next((m for m in modules if m.last), None)
-    mtp_loads: list[torch.Tensor] = []
 
     def loss_fn(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         pos = model.positions(h.shape[1], device=h.device)
         out = model.output(h, pos, labels, [], return_logits=False, mtp_loss_weight=mtp_loss_weight)
-        if out.expert_load is not None:  # the MTP modules' MoE layers
-            mtp_loads.extend(out.expert_load)
-        return out.loss
+        if last is not None:  # the MTP modules' MoE loads, and the parts of the loss, for the last stage's record
+            last.outputs.append(out)  # type: ignore[attr-defined]
+        return out.loss / n_microbatches  # the schedule's `losses` then sum to the step's loss
 
     if last is not None:
-        last.mtp_loads = mtp_loads  # type: ignore[attr-defined]
+        last.outputs = []  # type: ignore[attr-defined]
     cls: Callable = SCHEDULES[schedule]
-    sched = cls(stages if schedule in MULTI else stages[0], n_microbatches, loss_fn=loss_fn)
+    sched = cls(stages if schedule in MULTI else stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
     return sched, modules
 
 

@@ -12,6 +12,7 @@ train MESH DATA RUN STEPS [MAX]   the Trainer (API) on DATA for STEPS steps (sto
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -197,11 +198,11 @@ def scenario_pipeline(out: Path, schedules: list[str]) -> None:
 
     from nanoseek.parallel.pipeline import build_pipeline, stage_parameters, sync_tied_embedding
 
-    ctx = init_distributed(ParallelConfig(dp=int(__import__("os").environ["WORLD_SIZE"])))
+    ctx = init_distributed(ParallelConfig(dp=int(os.environ["WORLD_SIZE"])))
     group = dist.group.WORLD
     results = {}
     for schedule in schedules:
-        cfg = model_config(num_hidden_layers=4, num_nextn_predict_layers=1)
+        cfg = model_config(num_hidden_layers=2 * ctx.world_size, num_nextn_predict_layers=1)  # DualPipeV: 2 stages/rank
         torch.manual_seed(0)
         B, S, m = 8, 16, 4
         x = torch.randint(0, cfg.vocab_size, (B, S + 1))
@@ -233,11 +234,16 @@ def scenario_pipeline(out: Path, schedules: list[str]) -> None:
                 worst, worst_name = e, n
         # every layer's expert loads over the micro-batches == the whole batch's
         moe_layers = [i for i in range(cfg.num_hidden_layers) if i >= cfg.first_k_dense_replace]
-        mine = [i for mo in modules for i in range(mo.start, mo.stop) if i in moe_layers]
-        load = sum(t.sum() for mo in modules for t in mo.loads).item()
-        ref_load = sum(ref_out.expert_load[moe_layers.index(i)].sum().item() for i in mine)
-        loss = torch.stack(losses).mean().item() if losses else None
-        res = torch.tensor([worst, abs(load - ref_load),
+        taken = [mo.take(m) for mo in modules]
+        load_diff = 0.0
+        for mo, (loads, _) in zip(modules, taken, strict=True):
+            layers = [i for i in range(mo.start, mo.stop) if i in moe_layers]
+            for i, got in zip(layers, loads, strict=True):  # same sequences, same order: the same counts
+                load_diff = max(load_diff, (got - ref_out.expert_load[moe_layers.index(i)]).abs().max().item())
+        # the whole loss: the last stage's (main + MTP + the MTP layers' balance) + every stage's balance loss
+        balance = ctx.all_reduce(torch.tensor([sum(b for _, b in taken)], dtype=torch.float64)).item()
+        loss = torch.stack(losses).sum().item() + balance if losses else None
+        res = torch.tensor([worst, load_diff,
                             abs(loss - ref_out.loss.item()) / ref_out.loss.item() if loss is not None else 0.0,
                             1.0 if loss is not None else 0.0, float(len(stage_parameters(modules)))])
         gathered = ctx.all_gather(res[None])

@@ -304,6 +304,22 @@ def test_grpo_training_side_matches_one_process(tmp_path):
     assert (list_checkpoints(tmp_path / "two" / "checkpoints")[-1] / "ref.safetensors").is_file()
 
 
+# ---- pipeline parallelism ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world,schedules", [(2, ["gpipe", "1f1b", "interleaved", "dualpipev"]),
+                                             (4, ["1f1b", "dualpipev"])])
+def test_pipeline_schedules_match_one_process(tmp_path, world, schedules):
+    """Each schedule over `world` pipeline ranks (4 micro-batches; a model of 2 x world layers + 1 MTP module, so
+    DualPipeV has 2 stages per rank with the embedding, head and MTP on rank 0): the step's loss -- main, MTP and
+    every stage's balance loss -- each gradient of each rank's stages, and the expert loads, as one process."""
+    out = tmp_path / "r.json"
+    torchrun(world, WORKER, "pipeline", str(out), *schedules)
+    res = json.loads(out.read_text())
+    for s in schedules:
+        r = res[s]
+        assert r["loss_rel"] < 1e-6 and r["worst_grad_rel"] < 1e-5 and r["load_diff"] == 0, (s, r)
+        assert r["ranks_with_loss"] == 1
+
+
 # ---- failures ------------------------------------------------------------------------------------------------
 def test_bad_mesh_is_one_line_before_any_work(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
