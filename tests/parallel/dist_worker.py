@@ -204,7 +204,7 @@ def scenario_pipeline(out: Path, schedules: list[str]) -> None:
     for schedule in schedules:
         cfg = model_config(num_hidden_layers=2 * ctx.world_size, num_nextn_predict_layers=1)  # DualPipeV: 2 stages/rank
         torch.manual_seed(0)
-        B, S, m = 8, 16, 4
+        B, S, m = 8, 16, max(4, 2 * ctx.world_size)  # DualPipeV: at least as many micro-batches as stages
         x = torch.randint(0, cfg.vocab_size, (B, S + 1))
         ref = build(cfg, torch.float32, "cpu").train()
         ref_out = ref(x[:, :-1], labels=x[:, 1:], mtp_loss_weight=0.3)

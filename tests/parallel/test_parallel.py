@@ -308,9 +308,10 @@ def test_grpo_training_side_matches_one_process(tmp_path):
 @pytest.mark.parametrize("world,schedules", [(2, ["gpipe", "1f1b", "interleaved", "dualpipev"]),
                                              (4, ["1f1b", "dualpipev"])])
 def test_pipeline_schedules_match_one_process(tmp_path, world, schedules):
-    """Each schedule over `world` pipeline ranks (4 micro-batches; a model of 2 x world layers + 1 MTP module, so
-    DualPipeV has 2 stages per rank with the embedding, head and MTP on rank 0): the step's loss -- main, MTP and
-    every stage's balance loss -- each gradient of each rank's stages, and the expert loads, as one process."""
+    """Each schedule over `world` pipeline ranks (max(4, 2 world) micro-batches; a model of 2 x world layers + 1
+    MTP module, so DualPipeV has 2 stages per rank with the embedding, head and MTP on rank 0): the step's loss --
+    main, MTP and every stage's balance loss -- each gradient of each rank's stages, and the expert loads, as one
+    process."""
     out = tmp_path / "r.json"
     torchrun(world, WORKER, "pipeline", str(out), *schedules)
     res = json.loads(out.read_text())
