@@ -33,6 +33,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from ..model import Transformer
+from ..model.stats import attention_params, moe_params
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
              "dualpipev": ScheduleDualPipeV}
@@ -93,11 +94,29 @@ class PipelineStageModule(nn.Module):
         return loads, sum(c[1] for c in calls) / max(len(calls), 1)
 
 
-def stage_bounds(n_layers: int, n_stages: int) -> list[int]:
-    """Layer indices where stages 1.. start: as even as possible, earlier stages one layer longer."""
+def stage_bounds(n_layers: int, n_stages: int, last_extra: float = 0.0) -> list[int]:
+    """Layer indices where stages 1.. start, for even work per stage when the last stage also carries `last_extra`
+    blocks' worth of work (the MTP modules and the head: `output_cost`); every stage keeps at least one layer."""
     if not 1 <= n_stages <= n_layers:
         raise ValueError(f"{n_layers} layers cannot make {n_stages} pipeline stages")
-    return [round(s * n_layers / n_stages) for s in range(1, n_stages)]
+    per = (n_layers + last_extra) / n_stages
+    bounds, prev = [], 0
+    for s in range(1, n_stages):
+        b = min(max(round(s * per), prev + 1), n_layers - (n_stages - s))
+        bounds.append(b)
+        prev = b
+    return bounds
+
+
+def output_cost(model: Transformer) -> float:
+    """The output stage's work in blocks, by the weights each token touches: the head (once for the main model and
+    once per MTP module) and each MTP module (a block and its projection), against one MoE block."""
+    c = model.config
+    routed, moe_other = moe_params(c)
+    block = attention_params(c) + moe_other + routed * c.num_experts_per_tok // c.n_routed_experts
+    head = c.vocab_size * c.hidden_size
+    mtp = block + 2 * c.hidden_size * c.hidden_size
+    return ((1 + len(model.mtp)) * head + len(model.mtp) * mtp) / block
 
 
 def stage_indices(rank: int, pp: int, schedule: str) -> list[int]:
@@ -120,7 +139,7 @@ def build_pipeline(model: Transformer, pp_group: dist.ProcessGroup, schedule: st
     `schedule.step()` elsewhere; then `sync_tied_embedding`, clip and step the optimizer over the stages' params."""
     pp, rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
     n_stages = pp * (2 if schedule in MULTI else 1)
-    edges = [0, *stage_bounds(len(model.model.layers), n_stages), len(model.model.layers)]
+    edges = [0, *stage_bounds(len(model.model.layers), n_stages, output_cost(model)), len(model.model.layers)]
     modules, stages = [], []
     for s in stage_indices(rank, pp, schedule):
         mod = PipelineStageModule(model, edges[s], edges[s + 1], n_microbatches)

@@ -37,3 +37,22 @@ def test_ranks_read_disjoint_slices_that_make_the_single_process_batch(tmp_path)
     assert all(p.state_dict() == full.state_dict() for p in parts)  # every rank is at the same stream position
     with pytest.raises(ValueError, match="equal parts"):
         full.next_batch(6, (0, 4))
+
+
+def test_pipeline_stage_split_balances_the_output_stage():
+    import nanoseek
+    from nanoseek.parallel.pipeline import output_cost, stage_bounds, stage_indices
+
+    assert stage_bounds(8, 2) == [4] and stage_bounds(61, 4) == [15, 30, 46]
+    # the last stage also runs the head and the MTP module(s): it gets fewer layers
+    assert stage_bounds(8, 2, last_extra=2.0) == [5]
+    for n, s, extra in ((4, 4, 3.0), (8, 4, 100.0), (61, 16, 4.3)):
+        b = [0, *stage_bounds(n, s, extra), n]
+        assert all(x < y for x, y in zip(b, b[1:], strict=False))  # every stage keeps a layer
+    tiny = nanoseek.load(nanoseek.preset("tiny"))
+    assert 5 < output_cost(tiny) < 10  # a 4,096-token vocabulary on a 128-wide model: the head is heavy
+    with pytest.raises(ValueError, match="pipeline stages"):
+        stage_bounds(3, 4)
+    # DualPipeV's V: rank 0 holds the first and the last stage; interleaved loops
+    assert stage_indices(0, 4, "dualpipev") == [0, 7] and stage_indices(3, 4, "dualpipev") == [3, 4]
+    assert stage_indices(1, 4, "interleaved") == [1, 5] and stage_indices(2, 4, "1f1b") == [2]
