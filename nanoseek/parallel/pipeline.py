@@ -19,8 +19,6 @@ since it would scale a parameter once per stage that holds it (the embedding of 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -72,6 +70,8 @@ class PipelineStageModule(nn.Module):
             self.norm, self.lm_head, self.mtp = model.model.norm, model.lm_head, model.mtp
         # per forward call: the MoE layers' loads [B, E] and the stage's balance loss (see `take`)
         self.calls: list[tuple[list[torch.Tensor], float]] = []
+        # the last stage, per micro-batch: the MTP modules' loads and the parts of the loss (main, MTP losses)
+        self.outputs: list[tuple[torch.Tensor | None, float, list[float]]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         model = self._model[0]
@@ -87,9 +87,9 @@ class PipelineStageModule(nn.Module):
 
     def take(self, n_microbatches: int) -> tuple[list[torch.Tensor], float]:
         """(this step's loads per MoE layer [micro-batches x B, E], the mean over micro-batches of the stage's
-        balance loss), and forget them. The last n_microbatches forward calls are the step's: the schedule's first
-        step also runs one forward to infer the shapes passed between stages."""
-        calls, self.calls = self.calls[-n_microbatches:], []
+        balance loss), and forget them (and the last stage's `outputs`). The last n_microbatches forward calls are
+        the step's: the schedule's first step also runs one forward to infer the shapes passed between stages."""
+        calls, self.calls, self.outputs = self.calls[-n_microbatches:], [], []
         loads = [torch.cat(per_layer) for per_layer in zip(*(c[0] for c in calls), strict=True)] if calls else []
         return loads, sum(c[1] for c in calls) / max(len(calls), 1)
 
@@ -151,12 +151,11 @@ def build_pipeline(model: Transformer, pp_group: dist.ProcessGroup, schedule: st
         pos = model.positions(h.shape[1], device=h.device)
         out = model.output(h, pos, labels, [], return_logits=False, mtp_loss_weight=mtp_loss_weight)
         if last is not None:  # the MTP modules' MoE loads, and the parts of the loss, for the last stage's record
-            last.outputs.append(out)  # type: ignore[attr-defined]
+            load = out.expert_load.detach() if out.expert_load is not None else None
+            last.outputs.append((load, float(out.main_loss), [float(x) for x in out.mtp_losses]))
         return out.loss / n_microbatches  # the schedule's `losses` then sum to the step's loss
 
-    if last is not None:
-        last.outputs = []  # type: ignore[attr-defined]
-    cls: Callable = SCHEDULES[schedule]
+    cls = SCHEDULES[schedule]
     sched = cls(stages if schedule in MULTI else stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
     return sched, modules
 
