@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .io import CheckpointError, build, load_checkpoint, save
-from .io.checkpoint import SHARDED_DIR
+from .io import CheckpointError, build, is_sharded, load_checkpoint, save
 from .model import PRESETS, ConfigError, ModelConfig, Transformer, preset
 
 __version__ = "0.1.0"
@@ -30,7 +29,7 @@ def load(
     weights stay in FP8 with 128x128 block scales (as the FP8 release) and are dequantised in each forward."""
     if isinstance(path_or_preset, ModelConfig):
         model = build(path_or_preset, dtype, device)
-    elif (Path(path_or_preset) / SHARDED_DIR / ".metadata").is_file():  # a distributed run's sharded checkpoint
+    elif is_sharded(path_or_preset):  # a distributed run's sharded checkpoint
         from .train.checkpoint import load_sharded_model
 
         model = load_sharded_model(path_or_preset, device or "cpu").to(dtype or torch.float32)

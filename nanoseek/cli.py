@@ -221,10 +221,9 @@ def cmd_grpo(args: argparse.Namespace) -> int:
 
 def _grpo(args: argparse.Namespace, ctx) -> int:  # type: ignore[no-untyped-def]
     from .config import override, parse_assignments
-    from .io import load_checkpoint
     from .io.paths import load_tokenizer, resolve_checkpoint
     from .rl.grpo import GRPOConfig, GRPOTrainer
-    from .train.checkpoint import is_sharded, load_sharded_model
+    from .train.checkpoint import load_model
 
     # the configuration first: a bad --task / --knob / --set fails before any checkpoint is read
     steps = {} if args.steps is None else {"steps": args.steps}
@@ -232,8 +231,7 @@ def _grpo(args: argparse.Namespace, ctx) -> int:  # type: ignore[no-untyped-def]
     cfg = override(cfg, parse_assignments(args.set, "--set"), "GRPO setting")
     init = resolve_checkpoint(args.init)
     tok = load_tokenizer(init, args.tokenizer)
-    model = load_sharded_model(init) if is_sharded(init) else load_checkpoint(init)
-    trainer = GRPOTrainer(model, tok, cfg, args.out, resume=args.resume, parallel=ctx)
+    trainer = GRPOTrainer(load_model(init), tok, cfg, args.out, resume=args.resume, parallel=ctx)
     records = trainer.run()
     evals = [r for r in records if r["kind"] == "eval"]
     if evals and trainer.is_main:

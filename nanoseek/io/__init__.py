@@ -4,9 +4,10 @@ from .checkpoint import (
     CheckpointError,
     build,
     checkpoint_layout,
+    is_sharded,
     load_checkpoint,
     read_config,
     save,
 )
 
-__all__ = ["CheckpointError", "build", "checkpoint_layout", "load_checkpoint", "read_config", "save"]
+__all__ = ["CheckpointError", "build", "checkpoint_layout", "is_sharded", "load_checkpoint", "read_config", "save"]

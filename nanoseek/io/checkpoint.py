@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -229,13 +230,15 @@ def save(
         atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2) + "\n")
     elif (out / INDEX_NAME).exists():
         (out / INDEX_NAME).unlink()
-    cfg = model.config.to_hf_dict()
-    if fp8:
-        cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
-    save_dtype = dtype or hp_dtype
-    cfg["torch_dtype"] = str(save_dtype).removeprefix("torch.")
-    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    extra = {"quantization_config": dict(FP8_QUANT_CONFIG)} if fp8 else {}
+    write_config(model.config, out, torch_dtype=str(dtype or hp_dtype).removeprefix("torch."), **extra)
     return out
+
+
+def write_config(cfg: ModelConfig, directory: str | os.PathLike[str], **fields: Any) -> None:
+    """`config.json` (the HF layout's, plus `fields`) in `directory`, atomically."""
+    doc = {**cfg.to_hf_dict(), **fields}
+    atomic_write_text(Path(directory) / "config.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -317,6 +320,11 @@ def _check(layout: dict[str, Slot], found: dict[str, tuple[Path, tuple[int, ...]
 SHARDED_DIR = "dcp"
 
 
+def is_sharded(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a sharded checkpoint of a distributed run."""
+    return (Path(path) / SHARDED_DIR / ".metadata").is_file()
+
+
 def read_config(path: str | os.PathLike[str]) -> ModelConfig:
     p = Path(path)
     cfg_file = p / "config.json" if p.is_dir() else p
@@ -361,7 +369,7 @@ def load_checkpoint(
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a checkpoint directory")
-    if (p / SHARDED_DIR / ".metadata").is_file():
+    if is_sharded(p):
         raise CheckpointError(f"{p}: a sharded checkpoint of a distributed run (its weights are in {SHARDED_DIR}/); "
                               f"gather it into the Hugging Face layout with `nanoseek export {p} --out DIR`")
     try:

@@ -138,8 +138,7 @@ class ExpertParallelDispatch:
         activations' own dtype both ways."""
         if self.fp8:
             return hidden + 4 * -(-hidden // BLOCK), 2 * hidden
-        size = torch.empty((), dtype=dtype).element_size()
-        return size * hidden, size * hidden
+        return dtype.itemsize * hidden, dtype.itemsize * hidden
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
                  experts: Experts) -> torch.Tensor:

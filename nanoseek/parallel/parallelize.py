@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..model import Transformer
@@ -131,7 +131,3 @@ def clip_grad_norm(model: nn.Module, max_norm: float, ctx: ParallelContext) -> f
         for g in grads:
             g.mul_(coef)
     return total
-
-
-def is_parallelized(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)

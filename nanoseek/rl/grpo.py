@@ -39,7 +39,7 @@ from ..config import ConfigError
 from ..infer.chat import encode_chat
 from ..infer.engine import Engine, SamplingParams
 from ..model import Transformer
-from ..parallel import ParallelContext, clip_grad_norm, parallelize
+from ..parallel import ParallelContext, parallelize
 from ..train.checkpoint import load_latest, load_latest_sharded
 from ..train.loop import RunLoop, TimeBudget
 from ..train.metrics import MetricsLog, read_metrics
@@ -77,15 +77,12 @@ class GRPOTrainer(RunLoop):
         """reward_fn: a reward `(prompt, completion, **problem fields) -> float` replacing the task's default
         (accuracy + format_weight * format); accuracy and format rate are still reported."""
         self.cfg, self.tok, self.reward_fn = cfg, tokenizer, reward_fn
-        self.par = parallel
-        self.is_main = parallel is None or parallel.is_main
-        self.world, self.rank = (parallel.world_size, parallel.rank) if parallel is not None else (1, 0)
+        self.out = Path(out_dir)
+        self._init_loop(self.out, TimeBudget(cfg.max_minutes * 60) if cfg.max_minutes is not None else None,
+                        progress, parallel)
         if cfg.questions_per_step % self.world:
             raise ConfigError(f"questions_per_step={cfg.questions_per_step} does not split over {self.world} ranks")
-        self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self._init_loop(self.out, TimeBudget(cfg.max_minutes * 60) if cfg.max_minutes is not None else None,
-                        progress and self.is_main)
         torch.manual_seed(cfg.seed)
         resumed = load_latest(self.ckpt_root) if resume and parallel is None else None
         if resumed is not None:
@@ -96,7 +93,6 @@ class GRPOTrainer(RunLoop):
         self.ref = copy.deepcopy(self.model).requires_grad_(False) if cfg.beta > 0 else None
         if parallel is not None:
             parallelize(self.model, parallel)
-            self.sharded, self._agree, self._same_float = True, parallel.agree, parallel.broadcast_float
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                            weight_decay=cfg.weight_decay)
         if resume and parallel is not None:
@@ -132,12 +128,6 @@ class GRPOTrainer(RunLoop):
 
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
             self.rollout_model.load_state_dict(full)
-
-    def _sum(self, *values: float) -> list[float]:
-        """The values summed over the ranks (themselves in one process)."""
-        if self.par is None:
-            return list(values)
-        return self.par.all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
 
     # ---- rollouts and log-probs ------------------------------------------------------------------
     def rollout(self, problems: list[Problem], n: int, params: SamplingParams, seed: int | None,
@@ -214,10 +204,7 @@ class GRPOTrainer(RunLoop):
                 (loss * w).backward()
                 for key, v in st.items():
                     stats[key] = stats.get(key, 0.0) + v * w / cfg.mu
-            if self.par is not None:
-                gnorm = clip_grad_norm(self.model, cfg.grad_clip, self.par)
-            else:
-                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            gnorm = self._clip_grads(self.model, cfg.grad_clip)
             self.optimizer.step()
         self._sync_rollout_model()
         self.step += 1

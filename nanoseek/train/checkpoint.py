@@ -30,14 +30,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..io import CheckpointError, build, load_checkpoint, read_config, save
-from ..io.atomic import atomic_write_text, commit_dir
-from ..io.checkpoint import SHARDED_DIR
+from ..io import CheckpointError, build, is_sharded, load_checkpoint, read_config, save
+from ..io.atomic import commit_dir
+from ..io.checkpoint import SHARDED_DIR, write_config
 from ..model import Transformer
 from .optim import optimizer_from_tensors, optimizer_to_tensors
 
 MANIFEST = "manifest.json"
-SHARDS = SHARDED_DIR  # the torch.distributed.checkpoint directory of a sharded checkpoint
 
 
 def _sha256(path: Path) -> str:
@@ -114,10 +113,6 @@ def _finish(root: Path, tmp: Path, step: int, keep_last: int, extra_files: list[
         shutil.rmtree(old, ignore_errors=True)
 
 
-def is_sharded(path: Path) -> bool:
-    return (Path(path) / SHARDS / ".metadata").is_file()
-
-
 def save_sharded_checkpoint(
     root: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
     keep_last: int = 2, extra_files: list[Path] | None = None,
@@ -133,9 +128,9 @@ def save_sharded_checkpoint(
         tmp.mkdir()
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDS)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDED_DIR)
     if main:
-        atomic_write_text(tmp / "config.json", json.dumps(model.config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+        write_config(model.config, tmp)
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, tmp / "rng.safetensors")
         state = {**trainer_state, "step": step, "rng": rng_meta, "world_size": dist.get_world_size()}
@@ -161,7 +156,7 @@ def load_latest_sharded(root: Path, model: Transformer, optimizer: torch.optim.O
             continue
         model_sd, optim_sd = get_state_dict(model, optimizer)
         sd = {"model": model_sd, "optim": optim_sd}
-        dcp.load(sd, checkpoint_id=path / SHARDS)
+        dcp.load(sd, checkpoint_id=path / SHARDED_DIR)
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         return path, state, rng
     return None
@@ -172,14 +167,19 @@ def load_sharded_model(path: str | os.PathLike[str], device: torch.device | str 
     path = Path(path)
     verify_checkpoint(path)
     if not is_sharded(path):
-        raise CheckpointError(f"{path}: not a sharded checkpoint (no {SHARDS}/.metadata)")
+        raise CheckpointError(f"{path}: not a sharded checkpoint (no {SHARDED_DIR}/.metadata)")
     model = build(read_config(path), torch.float32, device, init=False)
     sd = model.state_dict()
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": sd}, checkpoint_id=path / SHARDS, no_dist=True)
+        dcp.load({"model": sd}, checkpoint_id=path / SHARDED_DIR, no_dist=True)
     model.load_state_dict(sd)
     return model
+
+
+def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Transformer:
+    """The fp32 model of a checkpoint directory: the HF layout, or a distributed run's sharded checkpoint."""
+    return load_sharded_model(path, device) if is_sharded(path) else load_checkpoint(path, torch.float32, device)
 
 
 def export_sharded(path: str | os.PathLike[str], out: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Path:

@@ -32,6 +32,7 @@ from typing import IO, Any
 import torch
 from tqdm import tqdm
 
+from ..parallel import ParallelContext, clip_grad_norm
 from .checkpoint import restore_optimizer, save_sharded_checkpoint, save_training_checkpoint, set_rng_state
 from .metrics import MetricsLog
 
@@ -98,11 +99,17 @@ class RunLoop:
     step: int
     metrics: MetricsLog
 
-    def _init_loop(self, out_dir: Path, budget: TimeBudget | None, progress: bool) -> None:
+    def _init_loop(self, out_dir: Path, budget: TimeBudget | None, progress: bool,
+                   parallel: ParallelContext | None = None) -> None:
+        """`parallel`: this process is a rank of a distributed run (nanoseek.parallel): rank 0 alone shows progress,
+        checkpoints are sharded, and every rank acts on the same decisions."""
         self.step = 0
         self.ckpt_root = Path(out_dir) / "checkpoints"
         self.budget = budget
-        self.progress = progress
+        self.par = parallel
+        self.is_main = parallel is None or parallel.is_main
+        self.world, self.rank = (parallel.world_size, parallel.rank) if parallel is not None else (1, 0)
+        self.progress = progress and self.is_main
         self.bar_file: IO[str] | None = None  # where the progress bar goes (None: stderr)
         self.spent = 0.0  # seconds charged to the budget so far (kept across resumes through the checkpoints)
         self._clock: _Clock | None = None
@@ -113,11 +120,25 @@ class RunLoop:
         self._saved_at: int | None = None
         self._last_ckpt: Path | None = None
         self._stop = False
-        self.sharded = False  # a distributed run: checkpoints through torch.distributed.checkpoint
+        self.sharded = parallel is not None  # a distributed run: checkpoints through torch.distributed.checkpoint
         # distributed runs: every rank acts on the same decisions (stop, out of time, evaluate, checkpoint) and follows
-        # the same schedule progress; the trainer sets these to collectives (nanoseek.parallel.ParallelContext)
-        self._agree: Callable[[bool], bool] = lambda flag: flag
-        self._same_float: Callable[[float], float] = lambda x: x
+        # the same schedule progress (rank 0's)
+        self._agree: Callable[[bool], bool] = parallel.agree if parallel is not None else (lambda flag: flag)
+        self._same_float: Callable[[float], float] = (parallel.broadcast_float if parallel is not None
+                                                      else (lambda x: x))
+
+    # ---- sums and gradients over the ranks of a distributed run (this process alone otherwise) ----------------
+    def _sum(self, *values: float) -> list[float]:
+        """The values summed over the ranks."""
+        if self.par is None:
+            return list(values)
+        return self.par.all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    def _clip_grads(self, model: torch.nn.Module, max_norm: float) -> float:
+        """Clip the gradients to `max_norm` (over all ranks' shards); the norm before clipping."""
+        if self.par is not None:
+            return clip_grad_norm(model, max_norm, self.par)
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
 
     # ---- hooks ---------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:

@@ -25,11 +25,11 @@ import torch
 from ..config import ConfigError
 from ..data import PackedBatches, TokenShard, heldout_batches
 from ..fp8 import convert_to_fp8, emulate_bf16_gemms
-from ..io import build, load_checkpoint, read_config
+from ..io import build, read_config
 from ..model import ModelConfig, Transformer, update_bias
 from ..model.moe import MoE
-from ..parallel import ParallelContext, clip_grad_norm, expert_traffic, materialize, parallelize
-from .checkpoint import is_sharded, load_latest, load_latest_sharded, load_sharded_model
+from ..parallel import ParallelContext, expert_traffic, materialize, parallelize
+from .checkpoint import load_latest, load_latest_sharded, load_model
 from .config import TrainConfig, write_resolved
 from .loop import RunLoop, TimeBudget
 from .metrics import MetricsLog, max_violation, plot_expert_heatmap, plot_losses, read_metrics
@@ -90,11 +90,8 @@ class Trainer(RunLoop):
         budget unless `budget` replaces it."""
         self.model_cfg, self.cfg = model_cfg, cfg
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
-        self.par = parallel
-        self.is_main = parallel is None or parallel.is_main
-        self._init_loop(self.out_dir, budget, progress and self.is_main)
+        self._init_loop(self.out_dir, budget, progress, parallel)
         self.device = parallel.device if parallel is not None else pick_device(cfg.device)
-        self.world = parallel.world_size if parallel is not None else 1
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size={cfg.batch_size} sequences do not split over {self.world} ranks")
         info = json.loads((self.data_dir / "data.json").read_text())
@@ -115,9 +112,7 @@ class Trainer(RunLoop):
         if resumed is not None:
             path, model, opt_tensors, state, rng = resumed
         elif cfg.init_from:  # fine-tuning: the weights of another run, fresh optimizer and data position
-            path = Path(cfg.init_from)
-            model = (load_sharded_model(path, self.device) if is_sharded(path)  # a distributed run's checkpoint
-                     else load_checkpoint(path, torch.float32, self.device))
+            path, model = Path(cfg.init_from), load_model(cfg.init_from, self.device)  # HF layout or sharded
         else:
             meta = parallel is not None and parallel.cfg.meta_init  # shards are allocated after parallelize
             path, model = None, build(model_cfg, torch.float32, "meta" if meta else self.device)
@@ -133,7 +128,6 @@ class Trainer(RunLoop):
             parallelize(self.model, parallel)
             if next(self.model.parameters()).device.type == "meta":
                 materialize(self.model, self.device, cfg.seed)
-            self.sharded, self._agree, self._same_float = True, parallel.agree, parallel.broadcast_float
         self.optimizer = build_optimizer(self.model, cfg)
         if resume and parallel is not None:
             got = load_latest_sharded(self.ckpt_root, self.model, self.optimizer)
@@ -194,8 +188,7 @@ class Trainer(RunLoop):
                 total += out.main_loss.item() * scored * weight
                 n += scored * weight
         self.model.train()
-        if self.par is not None:
-            total, n = self.par.all_reduce(torch.tensor([total, n], dtype=torch.float64, device=self.device)).tolist()
+        total, n = self._sum(total, n)
         return total / max(n, 1)
 
     # ---------------------------------------------------------------------------------------- one step
@@ -215,8 +208,9 @@ class Trainer(RunLoop):
         lam = mtp_lambda_at(cfg, step, p)
         W = self.world
         n_seq = max(W, batch_at(cfg, step, p) // W * W)  # the ramp's batch rounded to whole sequences per rank
-        part = (self.par.rank, W) if self.par is not None else (0, 1)
-        expert_traffic(model)  # reset: count this step's dispatches only
+        part = (self.rank, W)
+        if self.par is not None:
+            expert_traffic(model)  # reset: count this step's dispatches only
         depth = len(model.mtp)
         sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         loads = []
@@ -239,13 +233,8 @@ class Trainer(RunLoop):
             if out.expert_load is not None:
                 loads.append(out.expert_load)
             done += mb
-        if self.par is not None:
-            sums = dict(zip(sums, (self.par.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64,
-                                                                        device=self.device)) / W).tolist(),
-                            strict=True))
-            grad_norm = clip_grad_norm(model, cfg.grad_clip, self.par)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        sums = {k: v / W for k, v in zip(sums, self._sum(*sums.values()), strict=True)}  # the ranks' mean
+        grad_norm = self._clip_grads(model, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         rec: dict[str, Any] = {"kind": "train", "step": step + 1, "lr": lr, "grad_norm": grad_norm,
@@ -254,12 +243,11 @@ class Trainer(RunLoop):
             rec["mtp_loss"] = None
         if p is not None:
             rec["progress"] = round(p, 5)
-        traffic = expert_traffic(model)
+        traffic = expert_traffic(model) if self.par is not None else None
         if traffic is not None and self.par is not None:
             t = traffic.to_dict()
-            summed = self.par.all_reduce(torch.tensor([t["dispatch_bytes"] + t["combine_bytes"], t["cross_node_bytes"],
-                                                       t["token_nodes"]], dtype=torch.float64, device=self.device))
-            rec["ep_bytes"], rec["ep_cross_node_bytes"], rec["ep_token_nodes"] = (int(v) for v in summed.tolist())
+            summed = self._sum(t["dispatch_bytes"] + t["combine_bytes"], t["cross_node_bytes"], t["token_nodes"])
+            rec["ep_bytes"], rec["ep_cross_node_bytes"], rec["ep_token_nodes"] = (int(v) for v in summed)
             rec["ep_max_nodes_per_token"] = int(self.par.all_reduce(
                 torch.tensor([t["max_nodes_per_token"]], device=self.device), "max").item())
         if loads:
