@@ -4,14 +4,26 @@ import os
 import socket
 import sys
 import time
+import warnings
 
 import pytest
 
-from nanoseek.rl.sandbox import code_reward, extract_code, run_code
+from nanoseek.rl import sandbox
+from nanoseek.rl.sandbox import SandboxUnavailable, code_reward, extract_code, run_code
 
 P = "Write f(x) returning 2 * x."
 TESTS = ["assert f(2) == 4", "assert f(-1) == -2"]
 IS_LINUX = sys.platform == "linux"
+
+
+@pytest.fixture(autouse=True)
+def _isolation(monkeypatch):
+    """bubblewrap where it works (the default); elsewhere these tests run with the opt-in layers."""
+    if sandbox.isolation_error() is not None:
+        monkeypatch.setenv("NANOSEEK_SANDBOX", "layers")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*isolation='layers'.*", category=RuntimeWarning)
+        yield
 
 
 def answer(code: str) -> str:
@@ -106,10 +118,27 @@ def test_network_is_blocked():
 
 def test_writes_stay_inside_the_sandbox(tmp_path):
     probe = run_code("pass")
-    if "landlock" not in probe.protections:
-        pytest.skip("Landlock unavailable: file writes outside the sandbox directory are not blocked")
+    if "bwrap" not in probe.protections and "landlock" not in probe.protections:
+        pytest.skip("neither bubblewrap nor Landlock: file writes outside the sandbox directory are not blocked")
     target = tmp_path / "escaped.txt"
     code = f"open({str(target)!r}, 'w').write('x')\nf = abs"
     assert code_reward(P, answer(code), tests=["f(1)"]) == 0.0 and not target.exists()
     local = "open('scratch.txt', 'w').write('ok')\nf = lambda x: open('scratch.txt').read()"
     assert code_reward(P, answer(local), tests=["assert f(0) == 'ok'"]) == 1.0
+
+
+def test_without_bubblewrap_it_refuses_unless_told(monkeypatch):
+    monkeypatch.delenv("NANOSEEK_SANDBOX", raising=False)
+    monkeypatch.setattr(sandbox, "_bwrap_mode", lambda: (None, "bubblewrap is not installed (test)"))
+    assert sandbox.isolation_error() == "bubblewrap is not installed (test)"
+    with pytest.raises(SandboxUnavailable, match="not installed.*isolation='layers'"):
+        run_code("f = abs", ["f(1)"])
+    with pytest.raises(ValueError, match="isolation"):
+        run_code("f = abs", ["f(1)"], isolation="none")
+    if IS_LINUX:  # the opt-in: layers only, with a warning
+        with pytest.warns(RuntimeWarning, match="isolation='layers'"):
+            sandbox._warn_layers.cache_clear()
+            r = run_code("f = abs", ["assert f(-1) == 1"], isolation="layers")
+        assert (r.ran, r.passed) == (True, 1) and "bwrap" not in r.protections and "seccomp" in r.protections
+        monkeypatch.setenv("NANOSEEK_SANDBOX", "layers")
+        assert code_reward(P, answer("def f(x):\n    return 2 * x"), tests=TESTS) == 1.0
