@@ -19,12 +19,20 @@ from .runner import EngineRunner
 
 
 def load_for_inference(args: argparse.Namespace) -> tuple[Transformer, Tokenizer, Path]:
+    """The model, tokenizer and checkpoint path of `args.checkpoint` (a checkpoint, or a run whose newest valid
+    checkpoint is taken). The checkpoint is checked against its manifest unless `args.verify` is False; a broken
+    checkpoint, or weights holding NaN / infinity, end the program with one line naming the file or tensor."""
     from .. import load
+    from ..io import CheckpointError
 
-    ckpt = resolve_checkpoint(args.checkpoint)
+    verify = getattr(args, "verify", True)
+    ckpt = resolve_checkpoint(args.checkpoint, verify=verify)  # verified here: not again by load
     tok = load_tokenizer(ckpt, args.tokenizer)
     kwargs = {"keep_fp8": True} if getattr(args, "fp8_weights", False) else {}
-    model = load(ckpt, dtype=torch.float32, device=args.device, **kwargs)
+    try:
+        model = load(ckpt, dtype=torch.float32, device=args.device, verify=False, **kwargs)
+    except CheckpointError as e:
+        raise SystemExit(f"nanoseek: {e}") from None
     if tok.vocab_size > model.config.vocab_size:
         raise SystemExit(f"nanoseek: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
     return model, tok, ckpt
@@ -36,8 +44,11 @@ def build_engine(model: Transformer, tok: Tokenizer, args: argparse.Namespace) -
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+    try:
+        return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+    except ValueError as e:
+        raise SystemExit(f"nanoseek: {e}") from None
 
 
 def stream_text(runner: EngineRunner, prompt_ids: list[int], params: SamplingParams, out=None) -> Request:
@@ -145,14 +156,47 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history.append({"role": "assistant", "content": req.text})
 
 
+API_KEY_ENV = "NANOSEEK_API_KEY"
+
+
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """The key `nanoseek serve` requires: --api-key, else the first line of --api-key-file, else $NANOSEEK_API_KEY,
+    else None (no authentication). A key that is given but empty or blank is an error, never "no key": an unset
+    variable or an empty file must not open the server to anyone."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise SystemExit("nanoseek: give --api-key or --api-key-file, not both")
+    if args.api_key is not None:
+        key, where = args.api_key, "--api-key"
+        print("nanoseek: note: a key on the command line is visible to other users (ps); prefer --api-key-file "
+              f"or ${API_KEY_ENV}", file=sys.stderr)
+    elif args.api_key_file is not None:
+        where = f"--api-key-file {args.api_key_file}"
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"nanoseek: cannot read the API key file: {e}") from None
+        key = lines[0] if lines else ""
+    elif API_KEY_ENV in os.environ:
+        key, where = os.environ[API_KEY_ENV], f"${API_KEY_ENV}"
+    else:
+        return None
+    key = key.strip()
+    if not key:
+        raise SystemExit(f"nanoseek: the API key from {where} is empty; refusing to serve without one "
+                         f"(unset {API_KEY_ENV} and give no key to serve without authentication)")
+    return key
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
+    api_key = resolve_api_key(args)  # before the (slow) load: a bad key fails at once
     model, tok, ckpt = load_for_inference(args)
     engine = build_engine(model, tok, args)
     name = args.model_name or ckpt.name
-    serve(engine, tok, name, host=args.host, port=args.port, api_key=args.api_key,
-          max_tokens_limit=args.max_tokens_limit)
+    serve(engine, tok, name, host=args.host, port=args.port, api_key=api_key,
+          max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+          max_prompt_chars=args.max_prompt_chars)
     return 0
 
 
@@ -199,8 +243,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $NANOSEEK_API_KEY)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (visible in "
+                   f"ps: prefer --api-key-file or ${API_KEY_ENV}, the default)")
+    p.add_argument("--api-key-file", metavar="FILE", help="read the key from the first line of FILE")
     p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 4 MiB)")
+    p.add_argument("--max-prompt-chars", type=int,
+                   help="longer prompts get 400 before tokenising (default 64 per token of the context)")
     p.add_argument("--model-name", help="the model id clients use (default: the checkpoint dir name)")
     p.set_defaults(func=cmd_serve)

@@ -8,12 +8,18 @@ Requests are admitted into free cache slots between steps (continuous batching):
 chunk for the requests still reading their prompt and one decode forward for all the others. With
 `speculative=True` the first MTP module drafts one token per greedy request and the decode forward verifies it
 (input [t, draft]): when the model's own choice equals the draft, two tokens come out of one forward.
+
+Log-probabilities (`SamplingParams.logprobs` for the generated tokens, `prompt_logprobs` for the prompt's, read
+during prefill; `max_new_tokens=0` with prompt_logprobs scores a prompt without generating) are those of the raw
+model distribution, log_softmax of the logits before temperature, top-k and top-p, as vLLM reports by default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
+import math
 import threading
 import time
 from collections import deque
@@ -24,12 +30,36 @@ import torch
 
 from ..model import Transformer
 from .cache import CacheBatch, KVCache
-from .sampling import Detokenizer, sample_token, sample_tokens  # noqa: F401 (sample_token: re-exported)
+from .sampling import (  # noqa: F401 (sample_token, TokenLogprob: re-exported)
+    Detokenizer,
+    TokenLogprob,
+    draw_uniform,
+    sample_token,
+    sample_tokens,
+    token_logprobs,
+)
+
+log = logging.getLogger("nanoseek.engine")
+MIN_TEMPERATURE = 1e-5  # below this (but above 0) logits / T overflows or is greedy in all but name
+SEED_RANGE = (-(2**63), 2**63)  # a seed is a signed 64-bit integer, as in OpenAI's API
+LOGPROB_ROWS = 256  # prompt log-probs: positions per log_softmax over the vocabulary (bounds the memory)
+
+
+def int64_seed(seed: int) -> int:
+    """`seed` wrapped into a signed 64-bit integer (two's complement: torch seeds a generator with x and with
+    x - 2**64 alike, and any seed already in range is unchanged)."""
+    return (seed + 2**63) % 2**64 - 2**63
 
 
 @dataclass
 class SamplingParams:
-    """Decoding settings of one request. temperature 0 = greedy; top_k/top_p None = off."""
+    """Decoding settings of one request. temperature 0 = greedy, else at least MIN_TEMPERATURE; top_k/top_p
+    None = off; seed a signed 64-bit integer (None: a random one).
+
+    logprobs: record every generated token's log-probability (`Request.logprobs`) with this many most likely
+    alternatives (0: none); prompt_logprobs: the same for the prompt's tokens (`Request.prompt_logprobs`). Both are
+    of the raw model distribution (before temperature / top-k / top-p); None = off. max_new_tokens 0 (only with
+    prompt_logprobs) scores the prompt and generates nothing."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -39,22 +69,37 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     stop: Sequence[str] = ()  # stop strings (need the engine's tokenizer); the text is cut before them
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
+            raise ValueError(f"max_new_tokens must be >= 1 (or 0 with prompt_logprobs: score the prompt only), got "
+                             f"{self.max_new_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (v := getattr(self, name)) is not None and v < 0:
+                raise ValueError(f"{name} must be >= 0 (the number of alternatives per token) or None, got {v}")
+        t = self.temperature
+        if not (math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got {t}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise ValueError(f"seed must be a signed 64-bit integer (-2**63 <= seed < 2**63), got {self.seed}")
 
 
 @dataclass(eq=False)
 class Request:
     """One generation. `output_ids` grows as the engine steps; `on_update(req)` is called (from the engine's
-    thread) after every step that changed it. finish_reason: 'stop', 'length' or 'cancelled'."""
+    thread) after every step that changed it. finish_reason: 'stop', 'length', 'cancelled' or 'error' (this
+    request's own sampling, detokenising or admission raised; the others in the batch go on).
+
+    With params.logprobs, `logprobs` holds one entry per generated token: those of output_ids, then the stop token
+    that ended it, if one did (its log-probability is reported, its text is not). With params.prompt_logprobs,
+    `prompt_logprobs` holds one per prompt token once the prompt is read (None for the first: nothing precedes
+    it)."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -69,6 +114,8 @@ class Request:
     drafted: int = 0
     accepted: int = 0
     cancelled: bool = False  # set from any thread; the engine frees the slot at its next step
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -81,12 +128,27 @@ class Request:
         if self.finished:
             return t
         t = t.rstrip("\ufffd")
-        for s in holdback:
-            for k in range(min(len(s) - 1, len(t)), 0, -1):
-                if t.endswith(s[:k]):
-                    t = t[:-k]
-                    break
-        return t
+        k = stop_holdback(t, holdback)
+        return t[: len(t) - k] if k else t
+
+
+def stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest suffix of `text` that is a proper prefix of one of `stops` (what streaming must
+    hold back). Looks only at the last `max(len(stop)) - 1` characters, and in them only where a stop's first
+    character occurs: the work does not grow with the text."""
+    longest = max((len(s) for s in stops), default=0)
+    if longest < 2 or not text:
+        return 0
+    tail = text[-(longest - 1):]
+    best = 0
+    for s in stops:
+        j = tail.find(s[0], max(len(tail) - len(s) + 1, 0)) if s else -1  # the longest candidate suffix first
+        while j != -1 and len(tail) - j > best:
+            if s.startswith(tail[j:]):
+                best = len(tail) - j
+                break
+            j = tail.find(s[0], j + 1)
+    return best
 
 
 @dataclass
@@ -168,7 +230,7 @@ class Engine:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("empty prompt")
-        if len(prompt) >= self.max_len:
+        if len(prompt) > self.max_len or (len(prompt) == self.max_len and params.max_new_tokens > 0):
             raise ValueError(f"prompt has {len(prompt)} tokens; the context holds {self.max_len}")
         if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
@@ -195,7 +257,8 @@ class Engine:
         prompt i is seeded `seed * 1_000_003 + (first + i) * k + j` (reproducible; `first`: the index of prompts[0]
         in a larger set shared out between processes), or left unseeded when seed is None."""
         def seeded(i: int, j: int) -> SamplingParams:
-            return dataclasses.replace(params, seed=None if seed is None else seed * 1_000_003 + (first + i) * k + j)
+            return dataclasses.replace(params, seed=None if seed is None else
+                                       int64_seed(seed * 1_000_003 + (first + i) * k + j))
 
         reqs = [[self.submit(p, seeded(i, j)) for j in range(k)] for i, p in enumerate(prompts)]
         while not all(r.finished for row in reqs for r in row):
@@ -275,15 +338,23 @@ class Engine:
             for req in dropped:
                 self.waiting.remove(req)
                 req.finish_reason = "cancelled"
-            for i, s in enumerate(self.slots):
-                if s is None and self.waiting:
+            for i in range(self.max_batch):
+                while self.slots[i] is None and self.waiting:
                     req = self.waiting.popleft()
-                    g = torch.Generator(device="cpu")
-                    g.manual_seed(req.params.seed if req.params.seed is not None else int(torch.randint(2**62, ())))
-                    detok = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
-                    self.slots[i] = _Slot(req, list(req.prompt_ids), generator=g, detok=detok)
+                    try:
+                        self.slots[i] = self._new_slot(req)
+                    except Exception:  # e.g. a seed torch refuses: this request fails, the others are admitted
+                        log.exception("request %d could not be admitted", req.id)
+                        req.finish_reason = "error"
+                        dropped.append(req)
         for req in dropped:  # outside the lock: a callback may submit
             self._notify(req)
+
+    def _new_slot(self, req: Request) -> _Slot:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(req.params.seed if req.params.seed is not None else int(torch.randint(2**62, ())))
+        detok = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
+        return _Slot(req, list(req.prompt_ids), generator=g, detok=detok)
 
     def _release(self, changed: set[int]) -> None:
         for i in sorted(changed):
@@ -295,8 +366,18 @@ class Engine:
             self._notify(s.req)
 
     def _notify(self, req: Request) -> None:
-        if req.on_update is not None:
+        if req.on_update is None:
+            return
+        try:
             req.on_update(req)
+        except Exception:  # the listener's bug: drop its request, not the batch
+            log.exception("the update callback of request %d raised; cancelling it", req.id)
+            req.cancelled = True
+
+    def _fail(self, s: _Slot, what: str) -> None:
+        """End one request with finish_reason 'error' (its slot is released with the step's changes)."""
+        log.exception("request %d failed while %s; the other requests go on", s.req.id, what)
+        s.req.finish_reason = "error"
 
     # ---- forwards: everything goes through model(ids, positions, cache), model.logits, model.mtp_forward ----
     def _batch(self, slots: list[int], starts: list[int], lengths: list[int]) -> CacheBatch:
@@ -360,22 +441,58 @@ class Engine:
         return self.model.logits(h).float()
 
     def _prefill(self, rows: list[int]) -> None:
-        slots = [self.slots[i] for i in rows]
-        inputs = [s.tokens[s.length : min(s.length + self.prefill_chunk, len(s.req.prompt_ids))] for s in slots]  # type: ignore[union-attr]
+        slots: list[_Slot] = [self.slots[i] for i in rows]  # type: ignore[misc]
+        inputs = [s.tokens[s.length : min(s.length + self.prefill_chunk, len(s.req.prompt_ids))] for s in slots]
         h = self._main(rows, inputs)
         self.stats.prefill_tokens += sum(len(t) for t in inputs)
         done = []
         for r, (s, t) in enumerate(zip(slots, inputs, strict=True)):
-            s.length += len(t)  # type: ignore[union-attr]
+            if s.req.params.prompt_logprobs is not None:
+                self._prompt_logprobs(s, h[r, : len(t)])
+            s.length += len(t)
             if self.speculative:
-                s.pending_h.append(h[r, : len(t)])  # type: ignore[union-attr]
-            if not s.prefilling:  # type: ignore[union-attr]
+                s.pending_h.append(h[r, : len(t)])
+            if not s.prefilling:
                 done.append(r)
+        for r in done:
+            if slots[r].req.params.max_new_tokens == 0:  # scored: nothing to generate
+                slots[r].req.finish_reason = "length"
+        done = [r for r in done if not slots[r].req.finished]
         if done:
             last = torch.stack([h[r, len(inputs[r]) - 1] for r in done])
             finished = [slots[r] for r in done]
-            for s, y in zip(finished, self._sample(finished, self._logits(last)), strict=True):  # type: ignore[arg-type]
-                self._accept(s, [y])  # type: ignore[arg-type]
+            logits = self._logits(last)
+            ys = self._sample(finished, logits)
+            for s, y, lp in zip(finished, ys, self._token_logprobs(finished, logits, ys), strict=True):
+                if y is not None:  # None: its sampling raised and it failed
+                    self._accept(s, [y], [lp])
+
+    def _prompt_logprobs(self, s: _Slot, h: torch.Tensor) -> None:
+        """Record the prompt log-probs of one prefill chunk: h [n, H] holds the hidden states of positions
+        s.length .. s.length + n - 1, and position p gives the log-prob of prompt token p + 1."""
+        req, start = s.req, s.length
+        if start == 0:
+            req.prompt_logprobs = [None]
+        n = min(len(h), len(req.prompt_ids) - 1 - start)  # the last prompt position predicts a generated token
+        top = req.params.prompt_logprobs or 0
+        for a in range(0, n, LOGPROB_ROWS):
+            b = min(a + LOGPROB_ROWS, n)
+            targets = req.prompt_ids[start + a + 1 : start + b + 1]
+            req.prompt_logprobs += token_logprobs(self._logits(h[a:b]), targets, [top] * len(targets))
+
+    def _token_logprobs(self, slots: list[_Slot], logits: torch.Tensor, tokens: Sequence[int | None]
+                        ) -> list[TokenLogprob | None]:
+        """The log-probs of the chosen tokens (None where the row failed) for the requests that asked for them
+        (None for the others); logits [b, V]."""
+        out: list[TokenLogprob | None] = [None] * len(slots)
+        rows = [r for r, (s, t) in enumerate(zip(slots, tokens, strict=True))
+                if t is not None and s.req.params.logprobs is not None]
+        if rows:
+            got = token_logprobs(logits[rows], [tokens[r] for r in rows],  # type: ignore[misc]
+                                 [slots[r].req.params.logprobs for r in rows])  # type: ignore[misc]
+            for r, lp in zip(rows, got, strict=True):
+                out[r] = lp
+        return out
 
     def _decode(self, rows: list[int]) -> None:
         slots: list[_Slot] = [self.slots[i] for i in rows]  # type: ignore[misc]
@@ -384,23 +501,31 @@ class Engine:
         h, logits = self._decode_forward(rows, inputs)
         self.stats.decode_forwards += 1
         first = self._sample(slots, logits[:, 0])
+        first_lp = self._token_logprobs(slots, logits[:, 0], first)
         # drafts go to greedy rows only, so the token after an accepted draft is the argmax at its position
         second = logits[:, 1].argmax(-1).tolist() if logits.shape[1] > 1 else [None] * len(rows)
+        hit = [f is not None and d is not None and f == d for f, d in zip(first, drafts, strict=True)]
+        second_lp = self._token_logprobs(slots, logits[:, -1], [y if ok else None
+                                                                for y, ok in zip(second, hit, strict=True)])
         for r, (s, d) in enumerate(zip(slots, drafts, strict=True)):
-            new = [first[r]]
+            if first[r] is None:  # its sampling raised and it failed
+                continue
+            new: list[int] = [first[r]]  # type: ignore[list-item]
+            lps = [first_lp[r]]
             n_in = 1
             if d is not None:
                 s.req.drafted += 1
                 self.stats.drafted += 1
-                if first[r] == d:  # the draft is what the model would have produced: its logits give one more
+                if hit[r]:  # the draft is what the model would have produced: its logits give one more
                     s.req.accepted += 1
                     self.stats.accepted += 1
                     new.append(second[r])
+                    lps.append(second_lp[r])
                     n_in = 2
             s.length += n_in
             if self.speculative:
                 s.pending_h.append(h[r, :n_in])
-            self._accept(s, new)
+            self._accept(s, new, lps)
 
     def _draft(self, rows: list[int]) -> list[int | None]:
         """MTP module 1 catches up on the positions the main model has written (input at position j: the main
@@ -439,21 +564,56 @@ class Engine:
         return out
 
     # ---- sampling and stopping ------------------------------------------------------------------
-    def _sample(self, slots: list[_Slot], logits: torch.Tensor) -> list[int]:
-        """One token per slot from logits [b, V], sampled together on the device; one host transfer."""
+    def _sample(self, slots: list[_Slot], logits: torch.Tensor) -> list[int | None]:
+        """One token per slot from logits [b, V], sampled together on the device; one host transfer. If that
+        raises, the rows are sampled again one at a time with the same uniform draws: a row that raises alone
+        fails its request (None), and the others get the token they would have got anyway."""
         ps = [s.req.params for s in slots]
-        return sample_tokens(logits, [p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
-                             [s.generator for s in slots]).tolist()
+        temps, ks, tops = [p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps]
+        u: list[float] = []
+        failed: set[int] = set()
+        for r, s in enumerate(slots):
+            try:
+                u.append(draw_uniform(temps[r], s.generator))
+            except Exception:
+                self._fail(s, "sampling")
+                failed.add(r)
+                u.append(0.0)
+        if not failed:
+            try:
+                return sample_tokens(logits, temps, ks, tops, uniforms=u).tolist()
+            except Exception:
+                log.exception("sampling a batch of %d raised; sampling its rows one at a time", len(slots))
+        out: list[int | None] = []
+        for r, s in enumerate(slots):
+            try:
+                y = None if r in failed else int(sample_tokens(logits[r : r + 1], temps[r : r + 1], ks[r : r + 1],
+                                                               tops[r : r + 1], uniforms=u[r : r + 1])[0])
+            except Exception:
+                self._fail(s, "sampling")
+                y = None
+            out.append(y)
+        return out
 
-    def _accept(self, s: _Slot, new: list[int]) -> None:
-        """Append sampled tokens up to a stop token / the limits; update the text; finish_reason is set last, so
-        a reader that sees the request finished also sees its final text."""
+    def _accept(self, s: _Slot, new: list[int], lps: Sequence[TokenLogprob | None] = ()) -> None:
+        """`_extend` the request; if that raises (its detokenising, say), only this request fails."""
+        try:
+            self._extend(s, new, lps)
+        except Exception:
+            self._fail(s, "detokenising")
+
+    def _extend(self, s: _Slot, new: list[int], lps: Sequence[TokenLogprob | None] = ()) -> None:
+        """Append sampled tokens up to a stop token / the limits (and their log-probs `lps`, where recorded, the
+        stop token's included); update the text; finish_reason is set last, so a reader that sees the request
+        finished also sees its final text."""
         req, p = s.req, s.req.params
         if req.first_token_time is None:
             req.first_token_time = time.time()
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
         reason = None
-        for t in new:
+        for k, t in enumerate(new):
+            if k < len(lps) and (lp := lps[k]) is not None:
+                req.logprobs.append(lp)
             if t in stops:
                 reason = "stop"
                 break

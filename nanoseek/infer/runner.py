@@ -35,8 +35,9 @@ class EngineRunner:
     """Owns the engine: one thread calls `engine.step()` while there is work and sleeps on an Event otherwise.
 
     `submit`, `cancel`, `result` and `stream` are thread-safe; `stop` cancels what is still queued or running, lets
-    the engine release it and joins the thread. If a step raises, every live request is finished with
-    finish_reason 'error' and the engine's slots are cleared, so the runner keeps serving."""
+    the engine release it and joins the thread. A request whose own sampling or detokenising raises ends with
+    finish_reason 'error' alone (the engine isolates it); if a whole step raises (a forward: a bug, out of memory),
+    every live request is finished with 'error' and the engine's slots are cleared, so the runner keeps serving."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -62,10 +63,7 @@ class EngineRunner:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel everything still queued or running, let the engine release it, and join the thread."""
-        with self._lock:
-            self._accepting = False
-        for req in self.live():
-            req.cancelled = True
+        self.cancel_all()
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
@@ -103,6 +101,15 @@ class EngineRunner:
             self._live.pop(req.id, None)
         self._wake.set()
         return req
+
+    def cancel_all(self) -> None:
+        """Stop accepting requests (submit raises RunnerClosed) and cancel every live one; the engine thread goes
+        on, ending them with finish_reason 'cancelled' at its next step (e.g. a server's shutdown grace is over)."""
+        with self._lock:
+            self._accepting = False
+        for req in self.live():
+            req.cancelled = True
+        self._wake.set()
 
     def cancel(self, req: Request) -> None:
         """Free the request's slot at the next step (any thread; a no-op once it finished)."""

@@ -32,12 +32,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(app, timeout_graceful_shutdown: int | None = None) -> Iterator[tuple[uvicorn.Server, int]]:
-    """Serve `app` with uvicorn on a free loopback port in a background thread; shut it down on exit."""
+def running_server(app, timeout_graceful_shutdown: float | None = None) -> Iterator[tuple[uvicorn.Server, int]]:
+    """Serve a `build_app` app (`server.make_server`) on a free loopback port in a background thread; shut it down
+    on exit."""
+    from nanoseek.infer.server import make_server
+
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            timeout_graceful_shutdown=timeout_graceful_shutdown)
-    server = uvicorn.Server(config)
+    server = make_server(app, "127.0.0.1", port, log_level="warning",
+                         timeout_graceful_shutdown=timeout_graceful_shutdown)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

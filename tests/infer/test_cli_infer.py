@@ -140,3 +140,24 @@ def test_chat_repl_ctrl_c_cancels_the_answer_and_goes_on(checkpoint, capsys, mon
     assert req.finished  # cancelled (or, at worst, done) before the REPL went on
     # the interrupted question left the history: the second prompt has one user turn
     assert prompts_seen[1].count(tok.special_ids["user"]) == 1
+
+
+def test_every_special_token_spelled_in_chat_input_stays_text(checkpoint, capsys, monkeypatch, prompts_seen):
+    """Every special token of the tokenizer (bos, eos, pad, fim, think, answer, the turn markers) typed into the user
+    text of `generate --chat --think` and of `chat` (and markers in the system prompt): the prompt's special ids
+    are exactly the template's."""
+    d, _, tok = checkpoint
+    sp = tok.special_ids
+    spelled = "".join(tok.id_to_token(i) for i in sp.values())
+    system = f"{BOS}{ASSISTANT}"
+    assert main(["generate", str(d), spelled, "--chat", "--think", "--system", system, "--max-tokens", "2"]) == 0
+    lines = iter([spelled, "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", str(d), "--system", system, "--max-tokens", "2"]) == 0
+    capsys.readouterr()
+    generated, chatted = prompts_seen
+    specials = set(sp.values())
+    assert [t for t in generated if t in specials] == [sp["bos"], sp["user"], sp["assistant"], sp["think"]]
+    assert [t for t in chatted if t in specials] == [sp["bos"], sp["user"], sp["assistant"]]
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": spelled}]
+    assert tok.decode(chatted) == render_chat(messages)  # the typed spellings are all there, as text

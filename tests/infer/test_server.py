@@ -116,8 +116,10 @@ def test_chat_stream_equals_non_stream_with_usage(srv):
 
 
 def test_completions_text_and_token_prompts(srv):
+    """A text prompt gets the tokenizer's bos first (as Hugging Face / vLLM do for DeepSeek); token ids are taken
+    as given."""
     prompt = "def fibonacci(n):\n"
-    ids = srv.tok.encode(prompt)
+    ids = [srv.tok.bos_id, *srv.tok.encode(prompt)]
     text, finish, n_out = reference(srv, ids, max_new_tokens=10, ignore_eos=True)
     out = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
                                         extra_body={"ignore_eos": True})
@@ -129,6 +131,9 @@ def test_completions_text_and_token_prompts(srv):
     streamed = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0, stream=True,
                                              extra_body={"ignore_eos": True})
     assert "".join(c.choices[0].text for c in streamed) == text
+    spelled = srv.client.completions.create(model=MODEL, prompt=srv.tok.decode(ids), max_tokens=10, temperature=0,
+                                            extra_body={"ignore_eos": True})  # bos spelled out: not added again
+    assert spelled.choices[0].text == text and spelled.usage.prompt_tokens == len(ids)
 
 
 def test_concurrent_clients_get_independent_answers(srv):
@@ -246,7 +251,14 @@ BAD = [
     ("/v1/chat/completions", {"model": MODEL, "messages": user("hi"), "temperature": -1}, 400, "temperature"),
     ("/v1/chat/completions", {"model": MODEL, "messages": user("hi"), "top_p": 1.5}, 400, "top_p"),
     ("/v1/chat/completions", {"model": MODEL, "messages": user("hi"), "stop": 5}, 400, "stop"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": user("hi"), "n": 2}, 400, "n"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": user("hi"), "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 17}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": user("hi"), "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": user("hi"), "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": user("hi " * 600)}, 400, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": "x " * 600}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": list(range(MAX_LEN))}, 400, "prompt"),
@@ -348,8 +360,8 @@ def _stream_lines(port: int, body: dict, lines: list[bytes], started: threading.
 
 @pytest.mark.parametrize("grace", [None, 0])
 def test_shutdown_finishes_or_cancels_in_flight_requests(srv, grace):
-    """grace None: uvicorn waits for the stream, which completes; grace 0: the stream is cut and its request
-    cancelled. Either way the engine ends idle and its thread stops."""
+    """grace None: uvicorn waits for the stream, which completes; grace 0: its request is cancelled and the stream
+    ends with an error event and [DONE]. Either way the engine ends idle and its thread stops."""
     engine = Engine(srv.model, srv.tok, max_batch=2, max_len=MAX_LEN)
     app = build_app(engine, srv.tok, MODEL)
     lines: list[bytes] = []
@@ -365,4 +377,6 @@ def test_shutdown_finishes_or_cancels_in_flight_requests(srv, grace):
     if grace is None:
         assert done and engine.stats.generated_tokens == LONG["max_tokens"]
     else:
-        assert not done and engine.stats.generated_tokens < LONG["max_tokens"]
+        events = [json.loads(line[6:]) for line in lines if line.startswith(b"data: {")]
+        assert done and events[-1]["error"]["code"] == "cancelled"
+        assert engine.stats.generated_tokens < LONG["max_tokens"]
