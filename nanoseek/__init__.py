@@ -22,19 +22,27 @@ __version__ = "0.1.0"
 
 def load(
     path_or_preset: str | os.PathLike[str] | ModelConfig, dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None, keep_fp8: bool = False,
+    device: torch.device | str | None = None, keep_fp8: bool = False, verify: bool = True,
 ) -> Transformer:
     """The model for a checkpoint directory (weights loaded), a config.json or preset name / ModelConfig
     (randomly initialised). dtype defaults to float32; device to the CPU. `keep_fp8`: the attention / MLP / expert
-    weights stay in FP8 with 128x128 block scales (as the FP8 release) and are dequantised in each forward."""
+    weights stay in FP8 with 128x128 block scales (as the FP8 release) and are dequantised in each forward.
+
+    A training output (or its checkpoints/ folder) loads its newest valid checkpoint: newer ones that are incomplete
+    or do not match their manifest are skipped with a warning. A checkpoint with a manifest.json is checked against
+    it (`verify=False` skips that, for speed); weights holding NaN or infinite values are refused in any case
+    (CheckpointError naming the tensor)."""
     if isinstance(path_or_preset, ModelConfig):
         model = build(path_or_preset, dtype, device)
-    elif is_sharded(path_or_preset):  # a distributed run's sharded checkpoint
-        from .train.checkpoint import load_sharded_model
-
-        model = load_sharded_model(path_or_preset, device or "cpu").to(dtype or torch.float32)
     elif Path(path_or_preset).is_dir():
-        return load_checkpoint(path_or_preset, dtype, device, keep_fp8=keep_fp8)
+        from .io.paths import find_checkpoint
+
+        ckpt = find_checkpoint(path_or_preset, verify)  # verified here, so not again below
+        if not is_sharded(ckpt):
+            return load_checkpoint(ckpt, dtype, device, keep_fp8=keep_fp8, verify=False)
+        from .train.checkpoint import load_sharded_model  # a distributed run's sharded checkpoint
+
+        model = load_sharded_model(ckpt, device or "cpu", verify=False).to(dtype or torch.float32)
     elif Path(path_or_preset).is_file():
         model = build(ModelConfig.from_json(path_or_preset), dtype, device)
     elif str(path_or_preset) in PRESETS:

@@ -10,6 +10,7 @@ default), Fill-in-the-Middle, memory-mapped token shards and packed, resumable b
 from .corpus import (
     CorpusStats,
     decode_counting,
+    has_text,
     is_heldout,
     iter_documents,
     iter_jsonl,
@@ -18,6 +19,7 @@ from .corpus import (
     stdlib_root,
     stdlib_sources,
 )
+from .errors import DataError, MissingDataError
 from .fim import apply_fim, fim_split, tokenize_documents
 from .loader import PackedBatches, heldout_batches
 from .prepare import prepare_corpus
@@ -25,8 +27,9 @@ from .shards import HEADER_SIZE, MAGIC, ShardError, ShardHeader, ShardWriter, To
 from .tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 __all__ = [
-    "HEADER_SIZE", "MAGIC", "SPECIAL_TOKENS", "CorpusStats", "PackedBatches", "ShardError", "ShardHeader",
-    "ShardWriter", "TokenShard", "Tokenizer", "apply_fim", "decode_counting", "fim_split", "heldout_batches",
+    "HEADER_SIZE", "MAGIC", "SPECIAL_TOKENS", "CorpusStats", "DataError", "MissingDataError", "PackedBatches",
+    "ShardError", "ShardHeader", "ShardWriter", "TokenShard", "Tokenizer", "apply_fim", "decode_counting", "fim_split",
+    "has_text", "heldout_batches",
     "is_heldout", "iter_documents", "iter_jsonl", "iter_keyed_documents", "prepare_corpus", "read_header",
     "split_heldout", "stdlib_root", "stdlib_sources", "tokenize_documents", "train_tokenizer", "write_shard",
 ]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import DataError, MissingDataError
 
 # Files picked up when a folder is given (explicitly named files are always read, whatever their extension).
 TEXT_EXTENSIONS = frozenset({
@@ -19,6 +22,8 @@ TEXT_EXTENSIONS = frozenset({
 })
 JSONL_EXTENSIONS = frozenset({".jsonl", ".ndjson"})
 _SKIP_DIRS = frozenset({"__pycache__", "node_modules"})
+# a document needs one character that is neither white space nor a control character (NUL padding is not text)
+_CONTENT_RE = re.compile(r"[^\s\x00-\x1f\x7f-\x9f]")
 _STDLIB_EXCLUDE = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
                              "pydoc_data"})  # pydoc_data: generated, ~0.7M chars of prose in one file
 
@@ -29,7 +34,8 @@ class CorpusStats:
 
     files: int = 0  # files opened (including empty ones)
     documents: int = 0  # documents yielded
-    skipped_empty: int = 0  # empty / whitespace-only files or JSONL records
+    skipped_empty: int = 0  # files or JSONL records with no text (nothing but white space / control characters)
+    skipped_binary: int = 0  # plain files holding NUL bytes (binary data, or text in UTF-16/32)
     replaced_bytes: int = 0  # undecodable bytes replaced by U+FFFD
     chars: int = 0  # characters yielded
 
@@ -75,6 +81,11 @@ def split_heldout(paths: list[Path], frac: float = 0.05, root: Path | None = Non
     return train, held
 
 
+def has_text(text: str) -> bool:
+    """Whether `text` holds a character other than white space and control characters (NUL padding, ...)."""
+    return _CONTENT_RE.search(text) is not None
+
+
 def decode_counting(data: bytes) -> tuple[str, int]:
     """UTF-8 decode with U+FFFD for each invalid sequence; also the number of bytes replaced. A BOM is dropped."""
     if data.startswith(b"\xef\xbb\xbf"):
@@ -116,7 +127,7 @@ def _expand(source: str | Path) -> Iterator[tuple[Path, str]]:
         for rel, p in sorted(files):
             yield p, rel
     else:
-        raise FileNotFoundError(f"corpus source {source}: no such file or folder")
+        raise MissingDataError(f"corpus source {source}: no such file or folder")
 
 
 def source_files(sources: list[str | Path]) -> list[tuple[Path, str]]:
@@ -125,16 +136,21 @@ def source_files(sources: list[str | Path]) -> list[tuple[Path, str]]:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) of every non-empty line of a UTF-8 JSONL file; ValueError naming the file and
-    line for one that is not JSON."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    """(line number, parsed value) of every non-empty line of a UTF-8 JSONL file; DataError (a ValueError) naming
+    the file and line for one that is not JSON, or the file when it is not UTF-8."""
+    lineno = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+                yield lineno, value
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (after line {lineno}: {e.reason})") from None
 
 
 def _jsonl_records(path: Path, key: str, stats: CorpusStats, text_field: str) -> Iterator[tuple[str, str]]:
@@ -147,14 +163,14 @@ def _jsonl_records(path: Path, key: str, stats: CorpusStats, text_field: str) ->
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}:{lineno}: no {text_field!r} field (found: {keys})")
+                raise DataError(f"{path}:{lineno}: no {text_field!r} field (found: {keys})")
             text = record[text_field]
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
-            if not text.strip():
+                raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
+            if not has_text(text):
                 stats.skipped_empty += 1
                 continue
             yield f"{key}:{lineno}", text
@@ -162,14 +178,23 @@ def _jsonl_records(path: Path, key: str, stats: CorpusStats, text_field: str) ->
 
 def read_documents(path: Path, key: str, stats: CorpusStats, text_field: str = "text") -> Iterator[tuple[str, str]]:
     """(key, text) of the documents in one file (one for a text file, one per record for JSONL). Counts the file,
-    replaced bytes and skipped empty documents in `stats` (documents and chars are left to the caller)."""
+    replaced bytes and skipped empty or binary documents in `stats` (documents and chars are left to the caller).
+    A plain file holding NUL bytes is binary (or UTF-16/32 text) and is skipped; so is a document with no text
+    (nothing but white space and control characters)."""
     stats.files += 1
     if path.suffix.lower() in JSONL_EXTENSIONS:
         yield from _jsonl_records(path, key, stats, text_field)
         return
-    text, bad = decode_counting(path.read_bytes())
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if b"\0" in data:
+        stats.skipped_binary += 1
+        return
+    text, bad = decode_counting(data)
     stats.replaced_bytes += bad
-    if not text.strip():
+    if not has_text(text):
         stats.skipped_empty += 1
         return
     yield key, text
@@ -189,7 +214,8 @@ def iter_keyed_documents(sources: list[str | Path], stats: CorpusStats | None = 
 def iter_documents(sources: list[str | Path], stats: CorpusStats | None = None,
                    text_field: str = "text") -> Iterator[str]:
     """Document texts from files and folders (one document per file) and JSONL files (one per record's
-    `text_field`). Undecodable bytes become U+FFFD and are counted; empty documents are skipped and counted; a
-    malformed JSONL line, or one without a string `text_field`, raises ValueError naming file:line."""
+    `text_field`). Undecodable bytes become U+FFFD and are counted; empty documents and binary files are skipped and
+    counted; a malformed JSONL line, or one without a string `text_field`, raises DataError naming file:line; a
+    missing source MissingDataError (a FileNotFoundError too)."""
     for _, text in iter_keyed_documents(sources, stats, text_field):
         yield text

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import DataError
 from .shards import TokenShard
 
 
@@ -46,7 +47,8 @@ class PackedBatches:
         self.loss_mask = loss_mask
         self.n_windows = _n_windows(shard, seq_len)
         if self.n_windows == 0:
-            raise ValueError(f"{shard.path}: {len(shard)} tokens are too few for one window of {seq_len + 1}")
+            raise DataError(f"{shard.path}: {len(shard)} training tokens are too few for one window of {seq_len + 1} "
+                            f"(seq_len {seq_len} + 1); use a larger corpus or a shorter seq_len")
         self.epoch, self.pos = 0, 0
         self._perm = self._permutation(0)
 
@@ -107,7 +109,9 @@ def heldout_batches(shard: TokenShard, batch_size: int, seq_len: int, max_batche
         raise ValueError(f"batch_size and max_batches must be >= 1, got {batch_size} and {max_batches}")
     n_windows = _n_windows(shard, seq_len)
     if n_windows == 0:
-        raise ValueError(f"{shard.path}: {len(shard)} held-out tokens are too few for one window of {seq_len + 1}")
+        raise DataError(f"{shard.path}: {len(shard)} held-out tokens are too few for one evaluation window of "
+                        f"{seq_len + 1}; documents are held out by a hash of their names (a fraction heldout_frac of "
+                        f"them), so a corpus needs enough documents for some to be held out: add more")
     n = min(n_windows, max_batches * batch_size)
     windows = np.arange(n, dtype=np.int64) * n_windows // n
     return [_gather(shard, windows[i:i + batch_size], seq_len, loss_mask) for i in range(0, n, batch_size)]

@@ -14,7 +14,16 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_write_text
-from .corpus import JSONL_EXTENSIONS, CorpusStats, is_heldout, read_documents, source_files, stdlib_root, stdlib_sources
+from .corpus import (
+    JSONL_EXTENSIONS,
+    CorpusStats,
+    is_heldout,
+    read_documents,
+    source_files,
+    stdlib_root,
+    stdlib_sources,
+)
+from .errors import DataError
 from .fim import tokenize_documents
 from .shards import ShardError, ShardWriter, TokenShard, shard_dtype
 from .tokenizer import Tokenizer, train_tokenizer
@@ -126,7 +135,8 @@ def prepare_corpus(sources: list[str | Path] | None, out_dir: Path, vocab_size: 
         pairs = source_files(sources)
         source_names = [str(Path(s).resolve()) for s in sources]
     if not pairs:
-        raise ValueError(f"no corpus files found in {sources}")
+        raise DataError(f"{', '.join(source_names)}: no corpus files (folders are searched for text files by "
+                        f"extension, e.g. .txt .md .py, and for JSONL .jsonl .ndjson; hidden files are skipped)")
     settings = {
         "format": FORMAT, "sources": source_names, "fingerprint": _fingerprint(pairs),
         "vocab_size": None if tokenizer is not None else vocab_size, "fim_rate": fim_rate, "seed": seed,
@@ -197,6 +207,14 @@ def prepare_corpus(sources: list[str | Path] | None, out_dir: Path, vocab_size: 
         raise
     finally:
         bar.close()
+    if counts["train"]["tokens"] == 0:
+        where = ", ".join(source_names)
+        if not stats.documents:
+            raise DataError(f"{where}: no text in {stats.files} file(s) ({stats.skipped_empty} empty, "
+                            f"{stats.skipped_binary} binary)")
+        raise DataError(f"{where}: all {stats.documents} document(s) are held out for evaluation, none is left for "
+                        f"training (a fraction {heldout_frac} of the documents is held out, chosen by a hash of their "
+                        f"names): add more documents")
     val_docs = [json.dumps({"source": key, "piece": i, "text": pieces[i]}, ensure_ascii=False)
                 for i in range(VAL_DOCS) for key, pieces in val_pieces if i < len(pieces)][:VAL_DOCS]
     atomic_write_text(out_dir / "val_docs.jsonl", "".join(line + "\n" for line in val_docs))
@@ -226,7 +244,7 @@ def prepare_corpus(sources: list[str | Path] | None, out_dir: Path, vocab_size: 
             raise ShardError(f"{split}.bin: wrote {headers[held].count} tokens but counted {info[split]['tokens']}")
     atomic_write_text(out_dir / "data.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     if progress:
-        print(f"prepare_corpus: {out_dir}: {stats.documents:,} documents ({stats.skipped_empty} empty skipped, "
-              f"{stats.replaced_bytes} bytes replaced), {info['train']['tokens']:,} train / "
-              f"{info['val']['tokens']:,} val tokens, vocab {tok.vocab_size}")
+        print(f"prepare_corpus: {out_dir}: {stats.documents:,} documents ({stats.skipped_empty} empty and "
+              f"{stats.skipped_binary} binary skipped, {stats.replaced_bytes} bytes replaced), "
+              f"{info['train']['tokens']:,} train / {info['val']['tokens']:,} val tokens, vocab {tok.vocab_size}")
     return {**info, "reused": False}

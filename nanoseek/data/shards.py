@@ -14,6 +14,7 @@ from types import TracebackType
 import numpy as np
 
 from ..io.atomic import AtomicFile
+from .errors import DataError, MissingDataError
 
 MAGIC = b"NSEEKTOK"
 VERSION = 1
@@ -23,7 +24,7 @@ _DTYPES = {1: "uint16", 2: "uint32"}
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """A token shard that is corrupted, truncated, or made with a different tokenizer."""
 
 
@@ -108,7 +109,7 @@ def read_header(path: Path) -> ShardHeader:
     """The header of a shard, checked against the file's size."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such token shard")
+        raise MissingDataError(f"{path}: no such token shard")
     size = path.stat().st_size
     if size < HEADER_SIZE:
         raise ShardError(f"{path}: {size} bytes is too small for a token shard header ({HEADER_SIZE} bytes)")

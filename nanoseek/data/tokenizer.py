@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..io.atomic import atomic_write_text
@@ -28,6 +28,22 @@ SPECIAL_TOKENS: dict[str, str] = {
     "answer": "<answer>",
     "answer_end": "</answer>",
 }
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+# DeepSeek-V3's chat layout as a Jinja template for transformers' `apply_chat_template` (the same string as
+# nanoseek.infer.chat.render_chat, tested): bos, the system messages joined by a blank line, `<｜User｜>text` per user
+# turn, `<｜Assistant｜>text<｜end▁of▁sentence｜>` per assistant turn (only what follows its last `</think>`, as R1's
+# template), then `<｜Assistant｜>` as the generation prompt.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system=[]) %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = ns.system + [m['content']] %}"
+    "{% endif %}{% endfor %}{{ ns.system | join('\\n\\n') }}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}"
+    "{{ '<｜Assistant｜>' + m['content'].split('</think>')[-1] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
 
 # Fallback spellings so that non-DeepSeek tokenizer.json files (GPT-2, Llama, ...) still load.
 _FALLBACKS: dict[str, tuple[str, ...]] = {
@@ -99,12 +115,34 @@ class Tokenizer:
             raise FileNotFoundError(f"{path}: no tokenizer.json there")
         return cls(HFTokenizer.from_file(str(path)))
 
-    def save(self, path: str | Path) -> None:
-        """Write tokenizer.json atomically (a directory gets `tokenizer.json` inside it)."""
+    def save(self, path: str | Path, model_max_length: int | None = None) -> None:
+        """Write tokenizer.json atomically (a directory gets `tokenizer.json` inside it) and, beside it,
+        tokenizer_config.json (`hf_config`), so `transformers.AutoTokenizer.from_pretrained(folder)` and the tools
+        built on it (lm-eval's hf model, vLLM) get the special tokens and the chat template."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         atomic_write_text(path, self.backend.to_str(pretty=True))
+        atomic_write_text(path.with_name(TOKENIZER_CONFIG),
+                          json.dumps(self.hf_config(model_max_length), indent=2, ensure_ascii=False) + "\n")
+
+    def hf_config(self, model_max_length: int | None = None) -> dict:
+        """tokenizer_config.json as DeepSeek's releases write it: bos / eos / pad tokens, bos added by default (the
+        tokenizer.json's post-processor does it for transformers 5; `add_bos_token` for older readers), the chat
+        template (CHAT_TEMPLATE with this tokenizer's spellings). nanoseek's own `encode` never adds bos."""
+        tok = self.id_to_token
+        chat = {k: tok(self.special_ids[k]) for k in ("user", "assistant") if k in self.special_ids}
+        cfg = {
+            "add_bos_token": True, "add_eos_token": False, "bos_token": tok(self.bos_id), "eos_token": tok(self.eos_id),
+            "pad_token": tok(self.pad_id) if self.pad_id is not None else tok(self.eos_id),
+            "clean_up_tokenization_spaces": False, "legacy": True, "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": model_max_length or 1 << 30,
+        }
+        if len(chat) == 2:  # a chat template needs the turn markers
+            think = self.special_ids.get("think_end")
+            template = CHAT_TEMPLATE.replace("<｜User｜>", chat["user"]).replace("<｜Assistant｜>", chat["assistant"])
+            cfg["chat_template"] = template.replace("</think>", tok(think) if think is not None else "</think>")
+        return cfg
 
     # ------------------------------------------------------------------------------------------ coding
     def _backend(self, allow_special: bool) -> HFTokenizer:
@@ -165,6 +203,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    bos = SPECIAL_TOKENS["bos"]  # for transformers' tokenizer: bos first, as DeepSeek's (nanoseek's encode adds none)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
     out = Tokenizer(tok)
     assert out.bos_id == 0 and out.eos_id == 1
     return out

@@ -8,11 +8,14 @@
   (`keep_fp8=True`: loaded as they are into the FP8 modules of nanoseek.fp8.weights).
 
 Loading checks every shard header first (missing shard, missing/extra key, shape, dtype) and only then streams
-tensors one at a time into the model: nothing is half-loaded, and never two full copies are in memory.
+tensors one at a time into the model: nothing is half-loaded, and never two full copies are in memory. A checkpoint
+with a `manifest.json` (sizes + sha256 of its files, as nanoseek's training checkpoints have) is checked against it
+first (`verify=False` skips this), and a weight holding NaN or infinite values is refused, naming the tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,6 +35,7 @@ from ..model.model import Transformer
 from .atomic import atomic_path, atomic_write_text
 
 INDEX_NAME = "model.safetensors.index.json"
+MANIFEST = "manifest.json"  # sizes and sha256 of a training checkpoint's files (nanoseek.train.checkpoint)
 SINGLE_NAME = "model.safetensors"
 FP8_QUANT_CONFIG = {
     "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK], "activation_scheme": "dynamic",
@@ -232,7 +236,18 @@ def save(
         (out / INDEX_NAME).unlink()
     extra = {"quantization_config": dict(FP8_QUANT_CONFIG)} if fp8 else {}
     write_config(model.config, out, torch_dtype=str(dtype or hp_dtype).removeprefix("torch."), **extra)
+    write_generation_config(model.config, out)
     return out
+
+
+# R1's recommended sampling (R1 §5 / its model card: temperature 0.6, top-p 0.95), as DeepSeek's releases ship it
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
+
+
+def write_generation_config(cfg: ModelConfig, directory: str | os.PathLike[str]) -> None:
+    """`generation_config.json`: bos / eos ids and R1's sampling defaults (read by transformers' `generate`)."""
+    doc = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **GENERATION_DEFAULTS}
+    atomic_write_text(Path(directory) / "generation_config.json", json.dumps(doc, indent=2) + "\n")
 
 
 def write_config(cfg: ModelConfig, directory: str | os.PathLike[str], **fields: Any) -> None:
@@ -316,6 +331,62 @@ def _check(layout: dict[str, Slot], found: dict[str, tuple[Path, tuple[int, ...]
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(head) + more)
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _model_file(name: str) -> bool:
+    """Whether a checkpoint file (relative name) is part of the model: its config and weights."""
+    return (name == "config.json" or (name.startswith("model") and name.endswith(".safetensors"))
+            or name == INDEX_NAME or name.startswith(f"{SHARDED_DIR}/"))
+
+
+def verify_manifest(path: str | os.PathLike[str], required: bool = True, model_only: bool = False) -> None:
+    """Raise CheckpointError unless every file listed in the checkpoint's manifest.json is present, complete and
+    unchanged. Without a manifest: an error when `required` (a training checkpoint is incomplete without one), else
+    there is nothing to check (a Hugging Face-layout directory).
+
+    `model_only` (loading the model, not resuming its training): only the model's files (config and weights) must
+    be there and match; tokenizer.json is checked when present; the training state (optimizer, RNG, trainer.json,
+    ...) is ignored, so a checkpoint stripped of it still loads, and is not read."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        if required:
+            raise CheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
+        return
+    try:
+        files = json.loads(mf.read_text())["files"]
+        listed = {str(name): (int(info["bytes"]), str(info["sha256"])) for name, info in files.items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{mf}: malformed ({type(e).__name__}: {e})") from None
+    for name, (size, digest) in listed.items():
+        p = path / name
+        if model_only and not _model_file(name) and not (name == "tokenizer.json" and p.is_file()):
+            continue
+        if not p.is_file():
+            raise CheckpointError(f"{path}: missing {name}")
+        if p.stat().st_size != size:
+            raise CheckpointError(f"{p}: {p.stat().st_size} bytes, manifest says {size} (truncated?)")
+        if file_sha256(p) != digest:
+            raise CheckpointError(f"{p}: checksum mismatch (corrupt)")
+
+
+def check_finite(name: str, t: torch.Tensor, where: str | os.PathLike[str]) -> None:
+    """CheckpointError naming tensor `name` (of file or checkpoint `where`) if it holds NaN or infinite values."""
+    if not t.dtype.is_floating_point:
+        return
+    values = t.float() if t.dtype.itemsize == 1 else t  # FP8: torch has no isfinite for it
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise CheckpointError(f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or infinity) of "
+                              f"{t.numel()}; the checkpoint is unusable (a diverged run, or corrupt)")
+
+
 # where a distributed run's sharded (torch.distributed.checkpoint) checkpoint keeps its shards (nanoseek.train)
 SHARDED_DIR = "dcp"
 
@@ -358,9 +429,13 @@ def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.devi
 
 def load_checkpoint(
     path: str | os.PathLike[str], dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-    keep_fp8: bool = False,
+    keep_fp8: bool = False, verify: bool = True,
 ) -> Transformer:
     """Load an HF-layout directory into a new Transformer. dtype default: float32 (CPU-friendly).
+
+    `verify`: check the files against the directory's manifest.json first, when it has one (a nanoseek training
+    checkpoint; reading every byte once more: `verify=False` skips it where the caller has checked already). Weights
+    holding NaN or infinite values are refused in any case (CheckpointError naming the tensor).
 
     FP8 weights are dequantised at load (W = q * weight_scale_inv per 128x128 block) unless `keep_fp8`: then the
     layers the FP8 release quantises are FP8 modules (nanoseek.fp8.weights) that receive q and weight_scale_inv
@@ -376,6 +451,8 @@ def load_checkpoint(
         cfg = read_config(p)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    if verify:
+        verify_manifest(p, required=False, model_only=True)
     files = _shard_files(p)
     found = _read_headers(files)
     if cfg.num_nextn_predict_layers:
@@ -407,6 +484,7 @@ def load_checkpoint(
                     if slot is None or slot.shared_copy:
                         continue
                     t = sf.get_tensor(key)
+                    check_finite(key, t, f)
                     dst = _slot_view(tensors, slot)
                     if t.dtype in _FP8_DTYPES:
                         sfile = found[key + "_scale_inv"][0]
@@ -415,6 +493,7 @@ def load_checkpoint(
                         else:
                             with safe_open(sfile, framework="pt") as other:
                                 s = other.get_tensor(key + "_scale_inv")
+                        check_finite(key + "_scale_inv", s, sfile)
                         if dst.dtype in _FP8_DTYPES:  # keep_fp8: codes and scales as stored
                             _scale_view(tensors, slot).copy_(s)
                         else:

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from ..config import ConfigError
 from ..infer.chat import encode_chat
 from ..infer.engine import Engine, SamplingParams
+from ..io.paths import TOKENIZER_FILES
 from ..model import Transformer
 from ..parallel import ParallelContext, parallelize
 from ..train.checkpoint import load_latest, load_latest_sharded
@@ -79,7 +80,7 @@ class GRPOTrainer(RunLoop):
         self.cfg, self.tok, self.reward_fn = cfg, tokenizer, reward_fn
         self.out = Path(out_dir)
         self._init_loop(self.out, TimeBudget(cfg.max_minutes * 60) if cfg.max_minutes is not None else None,
-                        progress, parallel)
+                        progress, parallel, resume=resume)
         if cfg.questions_per_step % self.world:
             raise ConfigError(f"questions_per_step={cfg.questions_per_step} does not split over {self.world} ranks")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -245,8 +246,8 @@ class GRPOTrainer(RunLoop):
         extra = []
         if hasattr(self.tok, "save"):
             if self.is_main:
-                self.tok.save(staging / "tokenizer.json")
-            extra.append(staging / "tokenizer.json")
+                self.tok.save(staging / "tokenizer.json")  # with tokenizer_config.json beside it
+            extra += [staging / f for f in TOKENIZER_FILES]
         if self.ref is not None:
             if self.is_main:
                 save_file({k: v.contiguous() for k, v in self.ref.state_dict().items()}, staging / "ref.safetensors")

@@ -11,21 +11,32 @@ exactly one answer in the required format -- one ``<answer>...</answer>`` (the w
 one ``\\boxed{...}``. Several answers, several boxes, an answer outside the required format, stray or repeated
 think tags, or an empty think block earn no reward.
 
-Threads: math-verify enforces its timeouts with ``signal.alarm``, which works only in the main thread. The
-accuracy reward passes the timeout only when called from the main thread and switches it off elsewhere (math-verify
-then logs a warning once, and a pathological expression can take long): run rewards in the main thread of worker
-*processes* when you parallelise. The alarm also replaces any SIGALRM handler of the caller for its duration.
+Threads: math-verify enforces its timeouts with ``signal.alarm``, which works only in the main thread (the alarm also
+replaces any SIGALRM handler of the caller for its duration). Called from the main thread, the accuracy reward runs
+math-verify in place with that timeout. Called from any other thread, it sends the comparison to a worker process
+(started on first use, shared by all threads, one comparison at a time) that runs math-verify in its own main thread
+with the same timeout, and kills and replaces that process when a comparison overruns a hard deadline: a
+pathological answer such as ``9^{9^{9^{9}}}`` (whose evaluation holds the interpreter lock inside C code, so no
+other thread of the process could run) scores 0 within the deadline instead of freezing the caller's process.
 """
 
 from __future__ import annotations
 
 import ast
+import atexit
+import json
+import math
 import re
+import select
+import subprocess
+import sys
 import threading
+import time
 import unicodedata
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
-from typing import Literal
+from typing import IO, Literal
 
 from math_verify import LatexExtractionConfig, parse, verify
 
@@ -120,11 +131,6 @@ def strict_answer(completion: str, answer_format: AnswerFormat = "answer", requi
 
 
 # ------------------------------------------------------------------------------------------------------ accuracy
-def _mv_timeout(timeout: int | None) -> int | None:
-    """math-verify's signal.alarm timeout works only in the main thread: off elsewhere."""
-    return timeout if threading.current_thread() is threading.main_thread() else None
-
-
 def _parse_math(s: str, timeout: int | None) -> list:
     s = s.strip().rstrip(".").strip()
     if not s:
@@ -132,15 +138,125 @@ def _parse_math(s: str, timeout: int | None) -> list:
     return parse("\\boxed{" + s + "}", extraction_config=[LatexExtractionConfig()], parsing_timeout=timeout)
 
 
+def _equivalent_here(pred: str, gold: str, timeout: int | None) -> bool:
+    """math-verify in this thread (its timeout works in the main thread only)."""
+    gold_p, pred_p = _parse_math(gold, timeout), _parse_math(pred, timeout)
+    if not gold_p or not pred_p:
+        return False
+    return bool(verify(gold_p, pred_p, timeout_seconds=timeout))
+
+
+# The worker process loads this file on its own (not the nanoseek package, which would import torch) and serves.
+_WORKER_BOOT = """import importlib.util, sys
+spec = importlib.util.spec_from_file_location("nanoseek_math_worker", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+replies, sys.stdout = sys.stdout, sys.stderr  # stray prints must not mix with the replies
+module._serve_math(sys.stdin, replies)
+"""
+WORKER_START_SECONDS = 120.0  # for the worker to start (importing math-verify and sympy; slow on a busy machine)
+
+
+def _serve_math(requests: IO[str], replies: IO[str]) -> None:
+    """The worker's loop, in its main thread: one JSON request ``[pred, gold, timeout]`` per line in, ``1`` or ``0``
+    per line out; ``ready`` first. Ends when the requests end (the parent closed the pipe or died)."""
+    replies.write("ready\n")
+    replies.flush()
+    for line in requests:
+        pred, gold, timeout = json.loads(line)
+        try:
+            ok = _equivalent_here(pred, gold, timeout)
+        except Exception:  # an expression math-verify cannot handle is not equivalent
+            ok = False
+        replies.write("1\n" if ok else "0\n")
+        replies.flush()
+
+
+class _MathWorker:
+    """A math-verify worker process for calls from threads other than the main one (module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        atexit.register(self.close)
+
+    def _reply(self, proc: subprocess.Popen[bytes], deadline: float | None) -> str | None:
+        """The worker's next line, or None if it ends (or the deadline passes) first."""
+        assert proc.stdout is not None
+        line = b""
+        while not line.endswith(b"\n"):
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                return None
+            ready, _, _ = select.select([proc.stdout], [], [], wait)
+            if not ready:
+                return None
+            chunk = proc.stdout.read(1)  # unbuffered: exactly what is there, never past the reply
+            if not chunk:
+                return None
+            line += chunk
+        return line.decode().strip()
+
+    def _started(self) -> subprocess.Popen[bytes] | None:
+        if self._proc is None or self._proc.poll() is not None:
+            proc = subprocess.Popen([sys.executable, "-c", _WORKER_BOOT, __file__], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, bufsize=0, start_new_session=True)  # no Ctrl-C
+            if self._reply(proc, time.monotonic() + WORKER_START_SECONDS) != "ready":
+                self._kill(proc)
+                warnings.warn("the math-verify worker process did not start; answers score 0", stacklevel=4)
+                return None
+            self._proc = proc
+        return self._proc
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
+        proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout):
+            if f is not None:
+                f.close()
+
+    def equivalent(self, pred: str, gold: str, timeout: int | None) -> bool:
+        """math-verify in the worker with `timeout` (seconds; None or <= 0: none, as math-verify); False past the
+        hard deadline (three times the timeout, for two parses and the comparison, plus 2 s), after which the worker
+        is replaced."""
+        with self._lock:
+            proc = self._started()
+            if proc is None:
+                return False
+            assert proc.stdin is not None
+            deadline = None if timeout is None or timeout <= 0 else time.monotonic() + 3 * timeout + 2
+            try:
+                proc.stdin.write((json.dumps([pred, gold, timeout]) + "\n").encode())
+                proc.stdin.flush()
+            except OSError:
+                reply = None
+            else:
+                reply = self._reply(proc, deadline)
+            if reply not in ("0", "1"):  # overran the deadline, or died
+                self._kill(proc)
+                self._proc = None
+                return False
+            return reply == "1"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                self._kill(self._proc)
+                self._proc = None
+
+
+_WORKER = _MathWorker()
+
+
 def is_equivalent(pred: str, gold: str, timeout: int | None = 5) -> bool:
     """Whether the answer string ``pred`` equals ``gold`` mathematically (math-verify parse + verify; plain or LaTeX,
     e.g. ``\\frac{1}{2}`` == ``0.5``, ``1,000`` == ``1000``). Strict: the string must be just the answer
-    (``18 dollars`` is not 18). ``timeout`` (seconds) applies in the main thread only (module docstring)."""
-    t = _mv_timeout(timeout)
-    gold_p, pred_p = _parse_math(str(gold), t), _parse_math(pred, t)
-    if not gold_p or not pred_p:
-        return False
-    return bool(verify(gold_p, pred_p, timeout_seconds=t))
+    (``18 dollars`` is not 18). ``timeout`` (seconds) bounds each parse and the comparison; off the main thread the
+    comparison runs in a worker process, killed past a hard deadline (module docstring)."""
+    if threading.current_thread() is threading.main_thread():
+        return _equivalent_here(pred, str(gold), timeout)
+    return _WORKER.equivalent(pred, str(gold), timeout)
 
 
 def accuracy_reward(
@@ -197,17 +313,46 @@ def evaluate_countdown(expr: str) -> tuple[Fraction, list[int]]:
     return value, used
 
 
+def _as_integer(value: object, field: str) -> int:
+    """An integer given as an int, an integral float or Fraction, or a string of one ("22", " 22 ", "22.0")."""
+    v: object = value
+    if isinstance(v, str):
+        try:
+            v = Fraction(v.strip())
+        except (ValueError, ZeroDivisionError):
+            pass
+    if isinstance(v, float) and math.isfinite(v):
+        v = Fraction(v)
+    if isinstance(v, Fraction) and v.denominator == 1:
+        v = int(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    raise ValueError(f"countdown_reward: {field} must be an integer, got {value!r}")
+
+
+def _as_integers(values: Iterable[object] | str, field: str) -> list[int]:
+    """Integers given as an iterable (of any form `_as_integer` takes) or as one string: "[3, 4, 84]", "3 4 84"."""
+    if isinstance(values, str):
+        values = [v for v in re.split(r"[\s,\[\]()]+", values) if v]
+    return [_as_integer(v, field) for v in values]
+
+
 def countdown_reward(
-    prompt: str, completion: str, numbers: Iterable[int] | None = None, target: int | None = None, *,
-    require_think: bool = True, format_score: float = 0.1, **_: object,
+    prompt: str, completion: str, numbers: Iterable[int | str] | str | None = None, target: int | str | None = None,
+    *, require_think: bool = True, format_score: float = 0.1, **_: object,
 ) -> float:
     """TinyZero Countdown reward. 1.0: the single ``<answer>`` (:func:`strict_answer`) holds an arithmetic
     expression using each of ``numbers`` exactly once (as a multiset) whose exact value is ``target`` (an optional
     ``= target`` suffix is accepted). ``format_score`` (0.1): a well-formed arithmetic expression that is wrong --
     other numbers, wrong value, division by zero. 0.0: no valid answer block (missing, several, empty think) or
-    content that is not an arithmetic expression (text, code, unbalanced parentheses)."""
+    content that is not an arithmetic expression (text, code, unbalanced parentheses).
+
+    ``numbers`` and ``target`` may come as strings (as read from a JSONL file): ``"22"``, ``"[3, 4, 84]"`` or
+    ``"3 4 84"``; ValueError naming the field for one that is not integers."""
     if numbers is None or target is None:
         raise ValueError("countdown_reward needs numbers=... and target=...")
+    given = sorted(_as_integers(numbers, "numbers"))
+    goal = _as_integer(target, "target")
     expr = strict_answer(completion, "answer", require_think)
     if expr is None:
         return 0.0
@@ -224,7 +369,7 @@ def countdown_reward(
         return 0.0
     except ZeroDivisionError:
         return format_score
-    ok = sorted(used) == sorted(int(n) for n in numbers) and value == target and claimed in (None, value)
+    ok = sorted(used) == given and value == goal and claimed in (None, value)
     return 1.0 if ok else format_score
 
 

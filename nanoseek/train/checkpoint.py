@@ -3,7 +3,12 @@
 Layout: `<out>/checkpoints/step_00000100/{config.json, model.safetensors, optimizer.safetensors, rng.safetensors,
 trainer.json, manifest.json}`. A checkpoint is written into a temporary directory, every file fsynced, then the
 directory is renamed into place; `manifest.json` (sizes + sha256) is written last and checked on load, so a
-truncated or corrupt checkpoint is detected and the previous one is used instead.
+truncated or corrupt checkpoint is detected and the previous one is used instead (`--resume` with checkpoints none
+of which is usable is an error, not a fresh start).
+
+Every checkpoint records the id of its run (`run_id` in trainer.json; a resumed run keeps the id of the checkpoint it
+resumed). Writing checkpoint N removes only the same run's checkpoints older than N beyond the newest `keep_last`:
+never the one just written, a higher-numbered one, another run's, or one whose trainer.json cannot be read.
 
 A distributed run (nanoseek.parallel) writes sharded checkpoints with torch.distributed.checkpoint instead: every
 rank writes its shards of the model and optimizer into `dcp/`, then rank 0 adds config.json, trainer.json,
@@ -13,7 +18,6 @@ another world size or mesh; `export_sharded` turns one into the HF layout.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -30,21 +34,29 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..io import CheckpointError, build, is_sharded, load_checkpoint, read_config, save
+from ..config import ConfigError
+from ..io import (
+    MANIFEST,
+    CheckpointError,
+    build,
+    check_finite,
+    is_sharded,
+    load_checkpoint,
+    read_config,
+    save,
+    verify_manifest,
+)
 from ..io.atomic import commit_dir
-from ..io.checkpoint import SHARDED_DIR, write_config
+from ..io.checkpoint import SHARDED_DIR, file_sha256, write_config
+from ..io.paths import copy_tokenizer_files
 from ..model import Transformer
 from .optim import optimizer_from_tensors, optimizer_to_tensors
 
-MANIFEST = "manifest.json"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+class RunDirError(ConfigError):
+    """An output directory that does not fit the request: a fresh run into one that holds checkpoints of an earlier
+    run, or a resume where checkpoints exist but none is usable. The one-line message names the directory and what
+    to do (the command line prints it without a traceback)."""
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -90,17 +102,47 @@ def save_training_checkpoint(
     save_file(rng_tensors, tmp / "rng.safetensors")
     state = {**trainer_state, "step": step, "optimizer": opt_meta, "rng": rng_meta}
     (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
-    _finish(root, tmp, step, keep_last, extra_files)
+    _finish(root, tmp, step, keep_last, extra_files, trainer_state.get("run_id"))
     return root / f"step_{step:08d}"
 
 
-def _finish(root: Path, tmp: Path, step: int, keep_last: int, extra_files: list[Path] | None) -> None:
-    """Copy the extra files in, fsync everything, write the manifest last, rename into place, prune old ones."""
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a `step_XXXXXXXX` checkpoint directory (None for another name)."""
+    digits = path.name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else None
+
+
+def _same_run(path: Path, run_id: str | None) -> bool:
+    """Whether checkpoint `path` was written by run `run_id` (None: a checkpoint written without a run id). False
+    when its trainer.json cannot be read: a checkpoint that cannot be attributed is never removed."""
+    try:
+        state = json.loads((path / "trainer.json").read_text())
+        return isinstance(state, dict) and state.get("run_id") == run_id
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def prune_checkpoints(root: Path, step: int, keep_last: int, run_id: str | None) -> list[Path]:
+    """Remove run `run_id`'s checkpoints older than `step` beyond the newest `keep_last` (checkpoint `step` itself
+    counted); returns the removed paths. Checkpoints with a higher step, of another run, or that cannot be
+    attributed (an unreadable trainer.json) are kept."""
+    older = [p for p in list_checkpoints(root)
+             if (s := checkpoint_step(p)) is not None and s < step and _same_run(p, run_id)]
+    doomed = older[: max(len(older) - (keep_last - 1), 0)]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
+def _finish(root: Path, tmp: Path, step: int, keep_last: int, extra_files: list[Path] | None,
+            run_id: str | None) -> None:
+    """Copy the extra files in, fsync everything, write the manifest last, rename into place, prune this run's
+    older ones."""
     for extra in extra_files or []:
         if Path(extra).is_file():
             shutil.copyfile(extra, tmp / Path(extra).name)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     for p in files:
         with open(p, "rb") as f:
             os.fsync(f.fileno())
@@ -109,8 +151,7 @@ def _finish(root: Path, tmp: Path, step: int, keep_last: int, extra_files: list[
         f.flush()
         os.fsync(f.fileno())
     commit_dir(tmp, root / f"step_{step:08d}")
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(root, step, keep_last, run_id)
 
 
 def save_sharded_checkpoint(
@@ -135,7 +176,7 @@ def save_sharded_checkpoint(
         save_file(rng_tensors, tmp / "rng.safetensors")
         state = {**trainer_state, "step": step, "rng": rng_meta, "world_size": dist.get_world_size()}
         (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
-        _finish(root, tmp, step, keep_last, extra_files)
+        _finish(root, tmp, step, keep_last, extra_files, trainer_state.get("run_id"))
     dist.barrier()
     return root / f"step_{step:08d}"
 
@@ -143,8 +184,11 @@ def save_sharded_checkpoint(
 def load_latest_sharded(root: Path, model: Transformer, optimizer: torch.optim.Optimizer,
                         ) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
     """Load the newest valid sharded checkpoint under `root` into a parallelized model and its optimizer (every rank
-    calls this; DCP reshards to this run's mesh). Returns (path, trainer state, rng tensors) or None."""
-    for path in reversed(list_checkpoints(root)):
+    calls this; DCP reshards to this run's mesh). Returns (path, trainer state, rng tensors); None when `root` holds
+    no checkpoint; RunDirError when it holds some but none is usable. Invalid newer ones are skipped with a warning."""
+    found = list_checkpoints(root)
+    skipped: list[str] = []
+    for path in reversed(found):
         try:
             verify_checkpoint(path)
             if not is_sharded(path):
@@ -152,20 +196,40 @@ def load_latest_sharded(root: Path, model: Transformer, optimizer: torch.optim.O
             state = json.loads((path / "trainer.json").read_text())
             rng = load_file(path / "rng.safetensors")
         except (CheckpointError, SafetensorError, OSError, json.JSONDecodeError) as e:
-            warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
+            skipped.append(f"{path.name}: {e}")
             continue
         model_sd, optim_sd = get_state_dict(model, optimizer)
         sd = {"model": model_sd, "optim": optim_sd}
         dcp.load(sd, checkpoint_id=path / SHARDED_DIR)
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        _warn_skipped(skipped, path)
         return path, state, rng
+    _no_usable(root, found, skipped)
     return None
 
 
-def load_sharded_model(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Transformer:
-    """The whole model of a sharded checkpoint, in this process (fp32), e.g. to fine-tune from it or export it."""
+def _warn_skipped(skipped: list[str], used: Path) -> None:
+    for why in skipped:
+        warnings.warn(f"skipping checkpoint {why}", stacklevel=3)
+    if skipped:
+        warnings.warn(f"resuming from {used.name}, the newest valid checkpoint", stacklevel=3)
+
+
+def _no_usable(root: Path, found: list[Path], skipped: list[str]) -> None:
+    """RunDirError when `root` holds checkpoints but none could be resumed (nothing when it holds none)."""
+    if found:
+        raise RunDirError(f"{root}: cannot resume: none of its {len(found)} checkpoint(s) is usable "
+                          f"({'; '.join(skipped)}); restore a valid checkpoint, or move {root} away to start afresh")
+
+
+def load_sharded_model(path: str | os.PathLike[str], device: torch.device | str = "cpu",
+                       verify: bool = True) -> Transformer:
+    """The whole model of a sharded checkpoint, in this process (fp32), e.g. to fine-tune from it or export it.
+    `verify`: check its model files against its manifest first; weights holding NaN or infinity are refused in any
+    case."""
     path = Path(path)
-    verify_checkpoint(path)
+    if verify:
+        verify_manifest(path, required=True, model_only=True)
     if not is_sharded(path):
         raise CheckpointError(f"{path}: not a sharded checkpoint (no {SHARDED_DIR}/.metadata)")
     model = build(read_config(path), torch.float32, device, init=False)
@@ -173,26 +237,31 @@ def load_sharded_model(path: str | os.PathLike[str], device: torch.device | str 
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load({"model": sd}, checkpoint_id=path / SHARDED_DIR, no_dist=True)
+    for name, t in sd.items():
+        check_finite(name, t, path)
     model.load_state_dict(sd)
     return model
 
 
-def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Transformer:
-    """The fp32 model of a checkpoint directory: the HF layout, or a distributed run's sharded checkpoint."""
-    return load_sharded_model(path, device) if is_sharded(path) else load_checkpoint(path, torch.float32, device)
+def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu", verify: bool = True) -> Transformer:
+    """The fp32 model of a checkpoint directory: the HF layout, or a distributed run's sharded checkpoint (checked
+    against its manifest when it has one and `verify`)."""
+    if is_sharded(path):
+        return load_sharded_model(path, device, verify)
+    return load_checkpoint(path, torch.float32, device, verify=verify)
 
 
 def export_sharded(path: str | os.PathLike[str], out: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Path:
     """The model of a sharded checkpoint, gathered in this one process, written in the Hugging Face layout (with the
-    checkpoint's tokenizer.json when it has one)."""
+    checkpoint's tokenizer files when it has them)."""
     path = Path(path)
     dest = save(load_sharded_model(path), out, dtype=dtype)
-    if (path / "tokenizer.json").is_file():
-        shutil.copyfile(path / "tokenizer.json", dest / "tokenizer.json")
+    copy_tokenizer_files(path, dest)
     return dest
 
 
 def list_checkpoints(root: Path) -> list[Path]:
+    """The `step_*` directories under `root` (valid or not), oldest first."""
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
@@ -200,41 +269,42 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def verify_checkpoint(path: Path) -> None:
     """Raise CheckpointError unless every file listed in the manifest is present, complete and unchanged."""
-    mf = path / MANIFEST
-    if not mf.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
-    try:
-        manifest = json.loads(mf.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{mf}: malformed ({e})") from None
-    for name, info in manifest.items():
-        p = path / name
-        if not p.is_file():
-            raise CheckpointError(f"{path}: missing {name}")
-        if p.stat().st_size != info["bytes"]:
-            raise CheckpointError(f"{p}: {p.stat().st_size} bytes, manifest says {info['bytes']} (truncated?)")
-        if _sha256(p) != info["sha256"]:
-            raise CheckpointError(f"{p}: checksum mismatch (corrupt)")
+    verify_manifest(path, required=True)
+
+
+def check_fresh_out_dir(root: Path) -> None:
+    """RunDirError if checkpoint folder `root` already holds checkpoints (valid or not): a fresh run writing there
+    would mix its checkpoints with an earlier run's (and `--resume` would later pick whichever is newest)."""
+    found = list_checkpoints(root)
+    if found:
+        names = found[0].name if len(found) == 1 else f"{found[0].name} .. {found[-1].name}"
+        raise RunDirError(f"{root.parent}: holds {len(found)} checkpoint(s) of an earlier run ({names} in {root}); "
+                          f"pass --resume to continue it, or use a fresh --out")
 
 
 def load_latest(root: Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                 ) -> tuple[Path, Transformer, dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]] | None:
-    """(path, model, optimizer tensors, trainer state, rng tensors) of the newest valid checkpoint, or None.
-    Invalid newer checkpoints are skipped with a warning."""
-    for path in reversed(list_checkpoints(root)):
+    """(path, model, optimizer tensors, trainer state, rng tensors) of the newest valid checkpoint under `root`; None
+    when it holds no checkpoint; RunDirError when it holds some but none is usable. Invalid newer checkpoints
+    (incomplete, not matching their manifest, non-finite weights) are skipped with a warning."""
+    found = list_checkpoints(root)
+    skipped: list[str] = []
+    for path in reversed(found):
         try:
             verify_checkpoint(path)
             if is_sharded(path):
                 raise ValueError(f"{path}: a sharded checkpoint of a distributed run: resume it with --parallel (any "
                                  f"mesh, dp=1 in one process too), or turn it into a model with `nanoseek export`")
-            model = load_checkpoint(path, dtype=dtype, device=device)
+            model = load_checkpoint(path, dtype=dtype, device=device, verify=False)  # verified just above
             opt = load_file(path / "optimizer.safetensors")
             rng = load_file(path / "rng.safetensors")
             state = json.loads((path / "trainer.json").read_text())
         except (CheckpointError, SafetensorError, OSError, json.JSONDecodeError, KeyError) as e:
-            warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
+            skipped.append(f"{path.name}: {e}")
             continue
+        _warn_skipped(skipped, path)
         return path, model, opt, state, rng
+    _no_usable(root, found, skipped)
     return None
 
 

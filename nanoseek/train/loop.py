@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -33,7 +34,13 @@ import torch
 from tqdm import tqdm
 
 from ..parallel import ParallelContext, clip_grad_norm
-from .checkpoint import restore_optimizer, save_sharded_checkpoint, save_training_checkpoint, set_rng_state
+from .checkpoint import (
+    check_fresh_out_dir,
+    restore_optimizer,
+    save_sharded_checkpoint,
+    save_training_checkpoint,
+    set_rng_state,
+)
 from .metrics import MetricsLog
 
 TIME_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}"
@@ -100,11 +107,21 @@ class RunLoop:
     metrics: MetricsLog
 
     def _init_loop(self, out_dir: Path, budget: TimeBudget | None, progress: bool,
-                   parallel: ParallelContext | None = None) -> None:
+                   parallel: ParallelContext | None = None, resume: bool | None = None) -> None:
         """`parallel`: this process is a rank of a distributed run (nanoseek.parallel): rank 0 alone shows progress,
-        checkpoints are sharded, and every rank acts on the same decisions."""
+        checkpoints are sharded, and every rank acts on the same decisions.
+
+        `resume`: whether the run will resume from out_dir's checkpoints. A fresh run (False) refuses, here, an
+        out_dir that already holds checkpoints (RunDirError), before anything in it is written. None defers that
+        check to the start of the run, where it applies unless a checkpoint was restored by then."""
         self.step = 0
         self.ckpt_root = Path(out_dir) / "checkpoints"
+        # the run's identity, recorded in its checkpoints (a resumed run takes its checkpoint's): pruning removes
+        # only this run's own older checkpoints
+        self.run_id: str | None = uuid.uuid4().hex
+        self._out_checked = False
+        if resume is False:
+            self._check_fresh_out()
         self.budget = budget
         self.par = parallel
         self.is_main = parallel is None or parallel.is_main
@@ -209,9 +226,16 @@ class RunLoop:
                 "step_seconds": self._last_step_s}
 
     # ---- checkpoints and resume -----------------------------------------------------------------------------
+    def _check_fresh_out(self) -> None:
+        """A fresh run refuses an output directory that holds checkpoints of an earlier run (once per run)."""
+        if not self._out_checked:
+            self._out_checked = True
+            check_fresh_out_dir(self.ckpt_root)
+
     def _checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                     keep_last: int, extra_files: list[Path] | None = None) -> Path:
         """Write checkpoint `self.step` with `state` plus the time budget (and the seconds spent so far)."""
+        state = {**state, "run_id": self.run_id}
         budget = self._budget_state()
         if budget is not None:
             state = {**state, "budget": budget}
@@ -231,8 +255,10 @@ class RunLoop:
 
     def _restore_run(self, path: Path, state: dict[str, Any], rng: dict[str, torch.Tensor],
                      inherit_budget: bool) -> None:
-        """Step, RNG and time budget of a checkpoint (the optimizer is restored by the caller)."""
+        """Step, RNG, run id and time budget of a checkpoint (the optimizer is restored by the caller)."""
         self.step = state["step"]
+        self.run_id = state.get("run_id")  # None: a checkpoint written before run ids; its run goes on without one
+        self._out_checked = True
         set_rng_state(rng, state["rng"])
         stored = state.get("budget")
         if stored is not None:
@@ -297,6 +323,7 @@ class RunLoop:
 
     def _run_loop(self, end: int) -> tuple[list[dict[str, Any]], bool]:
         """Train until step `end`, the time budget, or a signal. Returns (the records of this run, interrupted)."""
+        self._check_fresh_out()
         records: list[dict[str, Any]] = []
         eval_every, ckpt_every, total = self._cadence()
         eval_frac = self.budget.eval_every if self.budget is not None else None

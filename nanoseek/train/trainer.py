@@ -26,6 +26,7 @@ from ..config import ConfigError
 from ..data import PackedBatches, TokenShard, heldout_batches
 from ..fp8 import convert_to_fp8, emulate_bf16_gemms
 from ..io import build, read_config
+from ..io.paths import TOKENIZER_FILES
 from ..model import ModelConfig, Transformer, update_bias
 from ..model.moe import MoE
 from ..parallel import ParallelContext, expert_traffic, materialize, parallelize
@@ -86,11 +87,12 @@ class Trainer(RunLoop):
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, data_dir: Path, out_dir: Path,
                  resume: bool = False, progress: bool = True, budget: TimeBudget | None = None,
                  parallel: ParallelContext | None = None) -> None:
-        """`resume`: continue from the newest valid checkpoint in out_dir; a time-budgeted checkpoint keeps its
-        budget unless `budget` replaces it."""
+        """`resume`: continue from the newest valid checkpoint in out_dir (RunDirError if it holds checkpoints but
+        none is usable; a fresh start if it holds none); a time-budgeted checkpoint keeps its budget unless `budget`
+        replaces it. Without `resume`, an out_dir that already holds checkpoints is refused (RunDirError)."""
         self.model_cfg, self.cfg = model_cfg, cfg
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
-        self._init_loop(self.out_dir, budget, progress, parallel)
+        self._init_loop(self.out_dir, budget, progress, parallel, resume=resume)
         self.device = parallel.device if parallel is not None else pick_device(cfg.device)
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size={cfg.batch_size} sequences do not split over {self.world} ranks")
@@ -271,7 +273,7 @@ class Trainer(RunLoop):
     def save(self) -> Path:
         state = {"data": self.loader.state_dict(), "train_config": self.cfg.to_dict()}
         return self._checkpoint(self.model, self.optimizer, state, self.cfg.keep_last,
-                                extra_files=[self.data_dir / "tokenizer.json"])
+                                extra_files=[self.data_dir / f for f in TOKENIZER_FILES])
 
     def _eval_record(self) -> dict[str, Any]:
         return {"kind": "eval", "step": self.step, "heldout_loss": self.evaluate()}

@@ -70,7 +70,7 @@ def test_ours_round_trip_exact_with_mtp_and_shards(model, tmp_path):
         assert torch.equal(v, back.state_dict()[k]), k
     # re-saving unsharded removes the old shards and the index
     save(back, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 def test_fp8_checkpoint_matches_dequantised_reference(tmp_path):

@@ -1,10 +1,14 @@
 """Rule-based rewards on hand-written completions, including reward-hacking attempts."""
 
+import subprocess
+import sys
 import threading
+import time
 from fractions import Fraction
 
 import pytest
 
+from nanoseek.rl import rewards
 from nanoseek.rl.rewards import (
     REWARDS,
     accuracy_reward,
@@ -91,6 +95,51 @@ def test_accuracy_works_off_the_main_thread():
     assert out == [1.0]
 
 
+# A thread scoring this answer in a fresh interpreter (this file's module loaded on its own, without torch); run in
+# a subprocess with a timeout, so that a regression (math-verify in the thread, without a timeout, evaluating
+# 9^(9^(9^9)) in C while holding the interpreter lock) fails the test instead of freezing the whole run.
+THREAD_SCRIPT = """
+import importlib.util, sys, threading, time
+spec = importlib.util.spec_from_file_location("rewards_under_test", sys.argv[1])
+rewards = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(rewards)
+out = []
+t0 = time.monotonic()
+score = lambda: out.append(rewards.accuracy_reward("", sys.argv[2], answer="5", timeout=1))
+t = threading.Thread(target=score, daemon=True)
+t.start()
+t.join(120)
+print(out, round(time.monotonic() - t0, 1))
+"""
+
+
+def test_pathological_answer_off_the_main_thread_returns_in_time():
+    completion = THINK + r"<answer>9^{9^{9^{9}}}</answer>"
+    p = subprocess.run([sys.executable, "-c", THREAD_SCRIPT, rewards.__file__, completion], capture_output=True,
+                       text=True, timeout=90)
+    assert p.returncode == 0, p.stderr[-2000:]
+    scores, seconds = p.stdout.split()[0], float(p.stdout.split()[1])
+    assert scores == "[0.0]" and seconds < 30  # worker start (math-verify import) + its 1 s timeout
+
+
+def test_worker_past_its_deadline_is_killed_and_replaced(monkeypatch):
+    """A worker that never answers (standing in for one stuck in C code): the call returns False at the deadline
+    (3 x timeout + 2 s) and the process is killed; the next call starts a working one."""
+    hung = "import sys, time\nsys.stdout.write('ready\\n')\nsys.stdout.flush()\ntime.sleep(600)\n"
+    monkeypatch.setattr(rewards, "_WORKER_BOOT", hung)
+    worker = rewards._MathWorker()
+    try:
+        worker._started()
+        proc = worker._proc
+        t0 = time.monotonic()
+        assert worker.equivalent("1", "1", timeout=1) is False
+        assert time.monotonic() - t0 < 15 and proc.poll() is not None and worker._proc is None
+        monkeypatch.undo()
+        assert worker.equivalent(r"\frac{1}{2}", "0.5", timeout=5) is True
+    finally:
+        worker.close()
+
+
 NUMS, TARGET = (3, 4, 84), 32
 
 
@@ -152,3 +201,19 @@ def test_combine_and_registry():
     assert r2(P, good, answer="1/2") == pytest.approx(2.0 + 1.0)
     assert set(REWARDS) >= {"accuracy", "format", "countdown", "language", "code"}
     assert REWARDS["countdown"](P, "<think>t</think> <answer>84/3+4</answer>", numbers=NUMS, target=TARGET) == 1.0
+
+
+def test_countdown_fields_given_as_strings():
+    """Problems read from JSONL may carry the target and numbers as text: compared as integers."""
+    done = "<think>t</think> <answer>(10 + 1) * 2</answer>"
+    assert countdown_reward(P, done, numbers=[10, 1, 2], target="22") == 1.0
+    assert countdown_reward(P, done, numbers=["10", "1", " 2"], target=" 22 ") == 1.0
+    assert countdown_reward(P, done, numbers="[10, 1, 2]", target=22.0) == 1.0
+    assert countdown_reward(P, done, numbers="10 1 2", target="22") == 1.0
+    assert countdown_reward(P, done, numbers=(10, 1, 2), target="23") == pytest.approx(0.1)
+    for fields, name in [({"target": "twenty-two"}, "target"), ({"target": 22.5}, "target"),
+                         ({"target": True}, "target"), ({"numbers": [10, 1.5, 2]}, "numbers"),
+                         ({"numbers": "10, x, 2"}, "numbers")]:
+        kw = {"numbers": [10, 1, 2], "target": 22, **fields}
+        with pytest.raises(ValueError, match=f"{name} must be an integer"):
+            countdown_reward(P, done, **kw)
