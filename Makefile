@@ -2,17 +2,19 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
+# The code reward's sandbox (nanoseek/rl/sandbox.py) needs bubblewrap: installed when missing and apt is usable as root.
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >/dev/null 2>&1; } || true
 	python3.11 -m venv .venv || python3 -m venv .venv
 	$(PY) -m pip install -q -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-.PHONY: demo test lint bench balancing install
+.PHONY: demo test lint bench balancing install test-lmeval
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m nanoseek speedrun --out runs/speedrun
+	$(PY) -m nanoseek speedrun --out runs/speedrun --overwrite
 
 test: $(STAMP)
 	$(PY) -m ruff check nanoseek tests benchmarks
@@ -27,3 +29,9 @@ bench: $(STAMP)
 
 balancing: $(STAMP)
 	$(PY) benchmarks/balancing_study.py
+
+# lm-evaluation-harness (a heavy install, so not in the default suite): installs it beside the pinned packages,
+# then runs the adapter's tests (real lm-eval on local task files).
+test-lmeval: $(STAMP)
+	$(PY) -m pip install -q -r requirements-lmeval.txt -c requirements.txt
+	$(PY) -m pytest -q -m lmeval tests/eval

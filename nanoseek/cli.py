@@ -146,6 +146,8 @@ def _pretrain(args: argparse.Namespace, ctx) -> int:  # type: ignore[no-untyped-
         sets.append(f"steps={args.steps}")
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets)
     out = Path(args.out)
+    if not args.resume:  # refuse a used --out before its data folder is rewritten
+        _check_fresh(out)
     data = [Path(d) for d in args.data] if args.data else []
     if len(data) == 1 and (data[0] / "data.json").is_file():
         data_dir = data[0]
@@ -162,6 +164,15 @@ def _pretrain(args: argparse.Namespace, ctx) -> int:  # type: ignore[no-untyped-
     except ValueError as e:
         raise SystemExit(f"nanoseek: {e}") from None
     return _train_and_report(trainer, out, "held-out loss")
+
+
+def _check_fresh(out: Path) -> None:
+    from .train.checkpoint import check_fresh_out_dir
+
+    try:
+        check_fresh_out_dir(out / "checkpoints")
+    except ValueError as e:
+        raise SystemExit(f"nanoseek: {e}") from None
 
 
 def _train_and_report(trainer, out: Path, loss_name: str) -> int:
@@ -196,7 +207,10 @@ def _sft(args: argparse.Namespace, ctx) -> int:  # type: ignore[no-untyped-def]
     sets = list(args.set or []) + ([f"steps={args.steps}"] if args.steps is not None else [])
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, sets)
     tok = load_tokenizer(init, args.tokenizer)
+    if not args.resume:  # refuse a used --out before its data folder is rewritten
+        _check_fresh(out)
     data_dir = out / "data"
+
     def prepare() -> None:
         try:
             info = prepare_sft(args.data, tok, data_dir, heldout_frac=args.heldout_frac, seed=args.seed)
@@ -289,7 +303,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     sets = (list(FP8_RECIPE) if args.fp8 else []) + list(args.set or [])
     s = speedrun(Path(args.out), args.preset, args.minutes, args.data or None, args.max_chars, args.steps,
                  sets, args.seed, post_train=not args.no_post_train, sft_steps=args.sft_steps,
-                 grpo_minutes=args.grpo_minutes)
+                 grpo_minutes=args.grpo_minutes, overwrite=args.overwrite)
     print(json.dumps(s, indent=2))
     return 0
 
@@ -304,6 +318,62 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SystemExit(f"nanoseek: {e}") from None
     print(f"wrote {dest} (Hugging Face DeepSeek-V3 layout)")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import parse_assignments
+    from .eval.harness import EndpointBackend, EvalConfig, LocalBackend, evaluate, markdown_table
+    from .eval.tasks import TaskError
+
+    if not args.endpoint and not args.checkpoint:
+        raise SystemExit("nanoseek: eval needs a checkpoint, or --endpoint URL --model NAME")
+    cfg = EvalConfig(tasks=tuple(t for t in args.tasks.split(",") if t), limit=args.limit, fewshot=args.fewshot,
+                     n_samples=args.n_samples, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                     data_dir=args.data_dir, task_knobs=parse_assignments(args.knob, "--knob"))
+    try:
+        if args.endpoint:
+            backend = EndpointBackend(args.endpoint, args.model or "nanoseek")
+        else:
+            from .infer.commands import load_for_inference
+
+            args.device = "cpu" if args.device is None else args.device
+            model, tok, ckpt = load_for_inference(args)
+            backend = LocalBackend(model, tok, max_batch=args.max_batch, max_len=args.max_len, name=str(ckpt))
+        results = evaluate(backend, cfg, args.out)
+    except TaskError as e:
+        raise SystemExit(f"nanoseek: {e}") from None
+    print(markdown_table(results), end="")
+    if args.out:
+        print(f"wrote {Path(args.out) / 'results.json'}, results.md and samples/")
+    return 0
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    from .recipes.extend import extend
+
+    stages = [int(x) for x in args.stages.split(",") if x]
+    try:
+        s = extend(args.checkpoint, args.data, args.out, stages, args.steps, seed=args.seed, sets=args.set or [])
+    except ValueError as e:
+        if isinstance(e, _config_error()):
+            raise
+        raise SystemExit(f"nanoseek: {e}") from None
+    print(json.dumps(s, indent=2))
+    return 0
+
+
+def _config_error() -> type:
+    from .config import ConfigError
+
+    return ConfigError
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from .eval.lmeval import main as lm_eval_main
+    except ImportError as e:
+        raise SystemExit(f"nanoseek: lm-eval is not installed ({e}); pip install 'lm-eval>=0.4,<0.5'") from None
+    return lm_eval_main(args.args)
 
 
 PARALLEL_HELP = ("a mesh under torchrun, e.g. dp=2,ep=2 (data-parallel FSDP2 x expert-parallel ranks; omitted "
@@ -372,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-post-train", action="store_true", help="stop after pre-training (no SFT / GRPO)")
     p.add_argument("--sft-steps", type=int, default=600)
     p.add_argument("--grpo-minutes", type=float, default=5.0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier speedrun in --out")
     p.set_defaults(func=cmd_speedrun)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant tokens only)")
@@ -424,6 +495,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-steps", type=int, default=200)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="SFT training overrides")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="score a checkpoint (or an OpenAI-compatible endpoint) on evaluation tasks")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory or training output (newest checkpoint)")
+    p.add_argument("--tasks", default="arithmetic",
+                   help="comma-separated NAME or NAME=PATH: mmlu_stem, gsm8k, humaneval, arithmetic, countdown, or "
+                        "any JSONL in a layout of nanoseek.eval.tasks (choice / math / code / text)")
+    p.add_argument("--limit", type=int, help="scored rows per task")
+    p.add_argument("--fewshot", type=int, help="few-shot examples (default: per task)")
+    p.add_argument("--n-samples", type=int, default=1, help="samples per problem for pass@1 / pass@n (T 0.6, p 0.95)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", help="folder holding the built-in tasks' files (e.g. mmlu_stem_test.jsonl)")
+    p.add_argument("--knob", action="append", metavar="KEY=VALUE", help="arithmetic / countdown difficulty")
+    p.add_argument("--out", help="folder for results.json, results.md and samples/*.jsonl")
+    p.add_argument("--endpoint", help="an OpenAI-compatible server's URL instead of a checkpoint (generation tasks)")
+    p.add_argument("--model", help="the model name to ask the endpoint for")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-len", type=int, help="context length (default: the engine's, at most the model's)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("extend", help="long-context extension: YaRN + two short training stages (V3 §4.3)")
+    p.add_argument("checkpoint", help="the pre-trained checkpoint (or its run folder)")
+    p.add_argument("--data", required=True, help="a prepared data folder (train.bin/val.bin, e.g. runs/speedrun/data)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--stages", default="1024,4096", help="context lengths of the stages (YaRN set for the last)")
+    p.add_argument("--steps", type=int, default=100, help="steps per stage (V3: 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="training fields of the stages")
+    p.set_defaults(func=cmd_extend)
+
+    p = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's command line with the nanoseek "
+                       "model registered: nanoseek lm-eval run --model nanoseek --model_args pretrained=CKPT ...")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lm_eval)
 
     from .infer.commands import add_parsers
 

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from ..data import Tokenizer
+from ..eval.harness import EvalConfig, LocalBackend, evaluate
 from ..io import load_checkpoint
+from ..model import Transformer
 from ..rl.grpo import GRPOConfig, GRPOTrainer
 from ..rl.tasks import Problem, generate
 from ..train.config import TrainConfig
@@ -53,9 +55,29 @@ def write_traces(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def stage_eval(model: Transformer, tok: Tokenizer, n: int, heldout_text: Path | None = None,
+               text_docs: int = 50) -> dict[str, Any]:
+    """One row of the report's evaluation table, by `nanoseek eval`'s code: greedy accuracy on the task's held-out
+    problems (what GRPO's curve plots) and bits per byte on held-out pre-training text (`text_docs` documents)."""
+    was_training = model.training
+    backend = LocalBackend(model, tok, max_batch=32, max_len=1024)
+    res = evaluate(backend, EvalConfig(tasks=("arithmetic",), task_knobs=dict(TASK_KNOBS), limit=n, max_new_tokens=40))
+    row = {"accuracy": res["tasks"]["arithmetic"]["pass@1_greedy"], "n": n,
+           "seconds": res["tasks"]["arithmetic"]["seconds"]}
+    if heldout_text is not None:
+        text = evaluate(backend, EvalConfig(tasks=(f"heldout_text={heldout_text}",), limit=text_docs))["tasks"]
+        row.update(bpb=text["heldout_text"]["bpb"], bpb_docs=text["heldout_text"]["n"],
+                   seconds=row["seconds"] + text["heldout_text"]["seconds"])
+    model.train(was_training)
+    return row
+
+
 def post_train(out: Path, init: Path, tok: Tokenizer, sft_steps: int = 600, grpo_minutes: float = 5.0,
-               seed: int = 0, eval_n: int = 200, progress: bool = True) -> dict[str, Any]:
-    """SFT on teacher traces from `init`, then GRPO for `grpo_minutes`; returns the accuracies and run paths."""
+               seed: int = 0, eval_n: int = 200, progress: bool = True,
+               heldout_text: Path | None = None) -> dict[str, Any]:
+    """SFT on teacher traces from `init`, then GRPO for `grpo_minutes`; returns the accuracies and run paths.
+    Each stage is evaluated by `stage_eval` (held-out accuracy; BPB on `heldout_text`, a JSONL of {"text"}, if
+    given)."""
     out = Path(out)
     traces = write_traces(out / "traces.jsonl", 8000, seed)
     data = out / "sft" / "data"
@@ -63,19 +85,21 @@ def post_train(out: Path, init: Path, tok: Tokenizer, sft_steps: int = 600, grpo
     model = load_checkpoint(init)
     gcfg = GRPOConfig(task="arithmetic", task_knobs=dict(TASK_KNOBS), steps=100_000, max_minutes=grpo_minutes,
                       lr=2e-5, max_new_tokens=40, eval_every=25, ckpt_every=100, eval_n=eval_n, seed=seed)
-    before = GRPOTrainer(model, tok, gcfg, out / ".eval_before", progress=False).evaluate()
+    table = {"pre-trained": stage_eval(model, tok, eval_n, heldout_text)}
     cfg = TrainConfig(**{**SFT_DEFAULTS, "lr": 1e-3, "steps": sft_steps, "seed": seed, "init_from": str(init),
                          "eval_every": max(1, sft_steps // 4), "ckpt_every": sft_steps})
     sft = Trainer(model.config, cfg, data, out / "sft", progress=progress)
     sft.run()
+    table["sft"] = stage_eval(sft.model, tok, eval_n, heldout_text)
     grpo = GRPOTrainer(sft.model, tok, gcfg, out / "grpo", progress=progress)
     records = grpo.run()
+    table["grpo"] = stage_eval(grpo.model, tok, eval_n, heldout_text)
     evals = [r for r in records if r["kind"] == "eval"]
     train = [r for r in records if r["kind"] == "train"]
     return {
         "task": "arithmetic " + json.dumps(TASK_KNOBS), "heldout_n": evals[-1]["heldout_n"],
-        "accuracy_pretrained": before["heldout_accuracy"], "accuracy_sft": evals[0]["heldout_accuracy"],
-        "accuracy_grpo": evals[-1]["heldout_accuracy"], "sft_steps": sft_steps, "grpo_steps": grpo.step,
+        "accuracy_pretrained": table["pre-trained"]["accuracy"], "accuracy_sft": table["sft"]["accuracy"],
+        "accuracy_grpo": table["grpo"]["accuracy"], "eval": table, "sft_steps": sft_steps, "grpo_steps": grpo.step,
         "grpo_seconds": round(sum(r["seconds"] for r in train), 1), "device": str(next(model.parameters()).device),
         "torch": torch.__version__,
     }

@@ -9,12 +9,14 @@ first minutes slows the first steps, it does not shorten the run. `--steps N` ma
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config import ConfigError
 from ..data import Tokenizer, prepare_corpus
 from ..eval.fim import fim_exact_match
 from ..infer.sample import generate_simple
@@ -24,6 +26,7 @@ from ..train.config import TrainConfig, apply_overrides
 from ..train.loop import TimeBudget
 from ..train.trainer import Trainer
 
+STAGE_DIRS = ("data", "pretrain", "post")  # what a speedrun writes under its --out (besides report.md, summary.json)
 REPORT_SECONDS = 75  # kept out of the pre-training budget for the evaluation and the report
 MIN_BUDGET_SECONDS = 30.0
 STEP_CAP = 10**9  # a time-budgeted run's steps are capped only by its budget
@@ -33,12 +36,19 @@ def speedrun(
     out: Path = Path("runs/speedrun"), preset_name: str = "tiny", minutes: float = 10.0,
     sources: list[str] | None = None, max_chars: int | None = 12_000_000, steps: int | None = None,
     sets: list[str] | None = None, seed: int = 0, fim_cases: int = 100, post_train: bool = True,
-    sft_steps: int = 600, grpo_minutes: float = 5.0, post_eval_n: int = 200,
+    sft_steps: int = 600, grpo_minutes: float = 5.0, post_eval_n: int = 200, overwrite: bool = False,
 ) -> dict[str, Any]:
     """`minutes` budgets the pre-training; the post-training stages (SFT on teacher traces, then GRPO for
-    `grpo_minutes`, see nanoseek.recipes.posttrain) come after it unless `post_train=False`."""
+    `grpo_minutes`, see nanoseek.recipes.posttrain) come after it unless `post_train=False`. An `out` that holds
+    an earlier speedrun is refused unless `overwrite` (which removes that run's stages first)."""
     t_start = time.perf_counter()
     out = Path(out)
+    earlier = [out / d for d in STAGE_DIRS if (out / d).exists()]
+    if earlier and not overwrite:
+        raise ConfigError(f"{out} holds an earlier speedrun ({', '.join(d.name for d in earlier)}/): pass "
+                          f"--overwrite to replace it, or a fresh --out")
+    for d in earlier:
+        shutil.rmtree(d)
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = preset(preset_name)
     # gamma 0.01: the paper's 0.001 is for 14.8T tokens; a few hundred steps need a faster bias (docs/balancing.md)
@@ -95,7 +105,8 @@ def speedrun(
 
         print(f"[post] SFT on teacher traces ({sft_steps} steps), then GRPO ({grpo_minutes:g} minutes)")
         summary["post"] = run_post_train(out / "post", resolve_checkpoint(out / "pretrain"), tok, sft_steps,
-                                         grpo_minutes, seed, eval_n=post_eval_n)
+                                         grpo_minutes, seed, eval_n=post_eval_n,
+                                         heldout_text=data_dir / "val_docs.jsonl")
         summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _write_report(out, summary, fim, samples)
@@ -143,10 +154,14 @@ def _write_report(out: Path, s: dict[str, Any], fim, samples: list[tuple[str, st
             "## Post-training: SFT on teacher traces, then GRPO", "",
             f"Task: {p['task']} (chained one-digit + / −), answers checked by rule; held-out accuracy on "
             f"{p['heldout_n']} problems, greedy.", "",
-            "| stage | held-out accuracy |", "|---|---|",
-            f"| pre-trained | {100 * p['accuracy_pretrained']:.1f}% |",
-            f"| after SFT ({p['sft_steps']} steps) | {100 * p['accuracy_sft']:.1f}% |",
-            f"| after GRPO ({p['grpo_steps']} steps, {p['grpo_seconds']:.0f} s) | {100 * p['accuracy_grpo']:.1f}% |",
+            "Evaluation table (`nanoseek.eval`, the code behind `nanoseek eval`): greedy held-out accuracy, and "
+            "bits per byte on held-out pre-training text (lower is better; post-training trades some of it away).",
+            "", "| stage | held-out accuracy | held-out text BPB |", "|---|---|---|",
+            *[f"| {label} | {100 * p['eval'][key]['accuracy']:.1f}% | "
+              f"{p['eval'][key]['bpb']:.3f} ({p['eval'][key]['bpb_docs']} docs) |"
+              if "bpb" in p["eval"][key] else f"| {label} | {100 * p['eval'][key]['accuracy']:.1f}% | |"
+              for key, label in (("pre-trained", "pre-trained"), ("sft", f"after SFT ({p['sft_steps']} steps)"),
+                                 ("grpo", f"after GRPO ({p['grpo_steps']} steps, {p['grpo_seconds']:.0f} s)"))],
             "", "![SFT loss](post/sft/loss.png)", "", "Reward, held-out accuracy and completion length during GRPO:",
             "", "![GRPO](post/grpo/grpo.png)", "",
         ]

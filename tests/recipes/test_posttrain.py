@@ -30,7 +30,13 @@ def test_post_train_runs_sft_then_grpo(tmp_path):
     torch.manual_seed(0)
     init = tmp_path / "init"
     nanoseek.save(nanoseek.load(tiny_config(vocab_size=tok.vocab_size, initializer_range=0.02)), init)
-    s = post_train(tmp_path / "post", init, tok, sft_steps=4, grpo_minutes=0.01, eval_n=16, progress=False)
+    heldout = tmp_path / "val_docs.jsonl"
+    heldout.write_text("".join(json.dumps({"text": t[:400]}) + "\n" for t in texts[:3]))
+    s = post_train(tmp_path / "post", init, tok, sft_steps=4, grpo_minutes=0.01, eval_n=16, progress=False,
+                   heldout_text=heldout)
+    for stage in ("pre-trained", "sft", "grpo"):  # the report's evaluation table
+        assert s["eval"][stage]["n"] == 16 and s["eval"][stage]["bpb_docs"] == 3 and s["eval"][stage]["bpb"] > 0
+    assert s["eval"]["pre-trained"]["bpb"] != s["eval"]["sft"]["bpb"]  # SFT changed the model
     assert s["heldout_n"] == 16 and s["sft_steps"] == 4 and s["grpo_steps"] >= 1
     for k in ("accuracy_pretrained", "accuracy_sft", "accuracy_grpo"):
         assert 0.0 <= s[k] <= 1.0

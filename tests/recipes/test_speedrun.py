@@ -2,6 +2,7 @@
 
 import pytest
 
+from nanoseek.config import ConfigError
 from nanoseek.recipes import speedrun as sr
 
 
@@ -29,3 +30,11 @@ def test_speedrun_pretraining_is_time_budgeted(tmp_path, monkeypatch):
         sr.speedrun(tmp_path / "b", minutes=3, max_chars=60_000, steps=40, sets=["vocab_size=512"], post_train=False)
     cfg, budget = seen[-1]
     assert budget is None and (cfg.steps, cfg.eval_every, cfg.ckpt_every) == (40, 4, 10)
+    # the same --out again: refused before any work, unless --overwrite (which replaces the earlier stages)
+    with pytest.raises(ConfigError, match="earlier speedrun .*--overwrite"):
+        sr.speedrun(tmp_path / "b", minutes=3, max_chars=60_000, steps=40, sets=["vocab_size=512"], post_train=False)
+    (tmp_path / "b" / "data" / "marker").write_text("old")
+    with pytest.raises(_Stop):
+        sr.speedrun(tmp_path / "b", minutes=3, max_chars=60_000, steps=40, sets=["vocab_size=512"], post_train=False,
+                    overwrite=True)
+    assert not (tmp_path / "b" / "data" / "marker").exists()
