@@ -338,9 +338,23 @@ def _passkey(backend: Backend, task: Task, cfg: EvalConfig) -> tuple[dict[str, A
     return summarize(cases, greedy, choice_ok), samples
 
 
-KINDS = {"choice": _choice, "math": _math, "problems": _problems, "code": _code, "text": _text, "passkey": _passkey}
+def _fim(backend: Backend, task: Task, cfg: EvalConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from .fim import fim_exact_match
+
+    if not isinstance(backend, LocalBackend):
+        raise TaskError("fim builds prompts from the model's FIM tokens: it needs a local checkpoint")
+    try:
+        res = fim_exact_match(backend.model, backend.tok, [r["text"] for r in task.rows], n=len(task.rows),
+                              seed=cfg.seed)
+    except ValueError as e:
+        raise TaskError(f"task {task.name}: {e}") from None
+    return {"exact_match": res.exact_match, "n": res.n}, res.examples
+
+
+KINDS = {"choice": _choice, "math": _math, "problems": _problems, "code": _code, "text": _text, "passkey": _passkey,
+         "fim": _fim}
 HEADLINE = {"choice": "acc", "math": "pass@1_greedy", "problems": "pass@1_greedy", "code": "pass@1_greedy",
-            "text": "bpb", "passkey": "accuracy"}
+            "text": "bpb", "passkey": "accuracy", "fim": "exact_match"}
 
 
 def evaluate(backend: Backend, cfg: EvalConfig, out: str | os.PathLike[str] | None = None) -> dict[str, Any]:

