@@ -23,8 +23,8 @@ def test_prepare_stdlib_small_and_reuse(tmp_path, capsys):
     assert not info["reused"]
     for name in ("tokenizer.json", "train.bin", "val.bin", "val_docs.jsonl", "data.json"):
         assert (out / name).is_file(), name
-    assert sorted(p.name for p in out.iterdir()) == ["data.json", "tokenizer.json", "train.bin", "val.bin",
-                                                       "val_docs.jsonl"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == ["data.json", "tokenizer.json", "tokenizer_config.json",
+                                                       "train.bin", "val.bin", "val_docs.jsonl"]  # no temp files left
 
     tok = Tokenizer.load(out / "tokenizer.json")
     meta = json.loads((out / "data.json").read_text())
