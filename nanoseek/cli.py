@@ -321,7 +321,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .config import parse_assignments
+    from .config import override, parse_assignments
     from .eval.harness import EndpointBackend, EvalConfig, LocalBackend, evaluate, markdown_table
     from .eval.tasks import TaskError
 
@@ -330,6 +330,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(tasks=tuple(t for t in args.tasks.split(",") if t), limit=args.limit, fewshot=args.fewshot,
                      n_samples=args.n_samples, max_new_tokens=args.max_new_tokens, seed=args.seed,
                      data_dir=args.data_dir, task_knobs=parse_assignments(args.knob, "--knob"))
+    cfg = override(cfg, args.set or [], "eval setting")  # e.g. passkey_lengths=256,1024 temperature=0.7
     try:
         if args.endpoint:
             backend = EndpointBackend(args.endpoint, args.model or "nanoseek")
@@ -508,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="folder holding the built-in tasks' files (e.g. mmlu_stem_test.jsonl)")
     p.add_argument("--knob", action="append", metavar="KEY=VALUE", help="arithmetic / countdown difficulty")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any EvalConfig field, e.g. passkey_lengths=256,1024,4096 passkey_depths=0,0.5,1 top_p=0.9")
     p.add_argument("--out", help="folder for results.json, results.md and samples/*.jsonl")
     p.add_argument("--endpoint", help="an OpenAI-compatible server's URL instead of a checkpoint (generation tasks)")
     p.add_argument("--model", help="the model name to ask the endpoint for")

@@ -307,3 +307,21 @@ def test_fim_task(tiny, tmp_path):
     m = res["tasks"]["fim"]
     assert m["kind"] == "fim" and m["n"] == 4 and 0 <= m["exact_match"] <= 1
     assert "| fim | fim | 4 | exact_match |" in (tmp_path / "o" / "results.md").read_text()
+
+
+def test_cli_eval_sets_and_writes(tiny, tmp_path, capsys):
+    from nanoseek.cli import main
+
+    model, tok = tiny
+    ckpt = tmp_path / "ckpt"
+    import nanoseek
+
+    nanoseek.save(model, ckpt)
+    tok.save(ckpt)
+    assert main(["eval", str(ckpt), "--tasks", "passkey", "--max-len", "400", "--set", "passkey_lengths=200,300",
+                 "--set", "passkey_depths=0,1", "--set", "passkey_trials=1", "--out", str(tmp_path / "o")]) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["tasks"]["passkey"]["n"] == 4 and res["config"]["passkey_lengths"] == [200, 300]
+    assert "| passkey | passkey | 4 | accuracy |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", str(ckpt), "--tasks", "passkey", "--set", "bogus=1"])
