@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -136,11 +137,13 @@ def source_files(sources: list[str | Path]) -> list[tuple[Path, str]]:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) of every non-empty line of a UTF-8 JSONL file; DataError (a ValueError) naming
-    the file and line for one that is not JSON, or the file when it is not UTF-8."""
+    """(line number, parsed value) of every non-empty line of a UTF-8 JSONL file (gzip-compressed when it ends in
+    .gz); DataError (a ValueError) naming the file and line for one that is not JSON, or the file when it is not
+    UTF-8 (or not gzip)."""
     lineno = 0
+    opener = gzip.open if str(path).endswith(".gz") else open
     try:
-        with open(path, encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -151,6 +154,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                 yield lineno, value
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (after line {lineno}: {e.reason})") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{path}: not a complete gzip file ({e})") from None
 
 
 def _jsonl_records(path: Path, key: str, stats: CorpusStats, text_field: str) -> Iterator[tuple[str, str]]:

@@ -17,8 +17,6 @@ Few-shot examples are the first k lines of the file and are not scored (MMLU's d
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import os
 import re
@@ -65,25 +63,18 @@ class Task:
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The lines of a JSONL file (.gz too) as dicts; a bad line is a TaskError naming the file and line."""
-    p = Path(path)
-    opener = gzip.open if p.suffix == ".gz" else open
-    rows = []
+    from ..data.corpus import iter_jsonl
+
     try:
-        with opener(p, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{p}:{n}: not JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise TaskError(f"{p}:{n}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise TaskError(f"{p}: cannot read ({e})") from None
+        rows = []
+        for n, row in iter_jsonl(path):
+            if not isinstance(row, dict):
+                raise TaskError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    except (ValueError, OSError) as e:  # DataError: bad JSON / UTF-8 / gzip, named by line
+        raise TaskError(str(e) if isinstance(e, ValueError) else f"{path}: cannot read ({e})") from None
     if not rows:
-        raise TaskError(f"{p}: no rows")
+        raise TaskError(f"{path}: no rows")
     return rows
 
 
