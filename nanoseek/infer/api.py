@@ -250,8 +250,9 @@ def sampling_params(body: BaseBody, n_prompt: int, *, model_name: str, max_len: 
                     max_tokens_limit: int | None = None, default_max_tokens: int | None = None) -> SamplingParams:
     """The engine's SamplingParams of a request whose prompt has n_prompt tokens (of its first choice: see
     `choice_params`), or an APIError: wrong model, unsupported fields, an empty or too long prompt, a bad
-    max_tokens (at most `max_tokens_limit`; absent: the default, or the room left in the `max_len` context; 0 only
-    with echo: score the prompt), bad sampling values. OpenAI's defaults: temperature 1."""
+    max_tokens (at most `max_tokens_limit` and the room the prompt leaves in the `max_len` context, else 400
+    context_length_exceeded naming it; absent: the default, or that room; 0 only with echo: score the prompt), bad
+    sampling values. OpenAI's defaults: temperature 1."""
     check_request(body, model_name)
     is_chat = isinstance(body, ChatBody)
     echo = isinstance(body, CompletionBody) and bool(body.echo)
@@ -272,6 +273,10 @@ def sampling_params(body: BaseBody, n_prompt: int, *, model_name: str, max_len: 
     if max_tokens is not None and max_tokens_limit is not None and max_tokens > max_tokens_limit:
         raise APIError(400, f"{name} is {max_tokens}; this server allows at most {max_tokens_limit}", name,
                        "invalid_value")
+    if max_tokens is not None and not score_only and n_prompt + max_tokens > max_len:  # as OpenAI / vLLM: no clamp
+        raise APIError(400, f"this model's maximum context length is {max_len} tokens; the prompt has {n_prompt} "
+                       f"and {name} asks for {max_tokens} more (at most {max_len - n_prompt})", name,
+                       "context_length_exceeded")
     if max_tokens is None:
         room = max_len - n_prompt  # the engine stops with 'length' when the context is full
         max_tokens = min(default_max_tokens or room, max_tokens_limit or room)

@@ -374,3 +374,15 @@ def test_api_key_from_a_file_or_the_environment_and_never_empty(served, monkeypa
         with pytest.raises(SystemExit, match="empty|cannot read|not both"):
             main(["serve", "ckpt", *argv])
     assert len(served) == 4
+
+
+def test_max_tokens_beyond_the_context_is_400_not_a_silent_clamp(srv):
+    """OpenAI and vLLM refuse a prompt + max_tokens that cannot fit; the error names max_tokens and the room left."""
+    body = {"model": MODEL, "prompt": "x = ", "max_tokens": MAX_LEN}
+    status, raw = request(srv.port, "POST", "/v1/completions", body)
+    err = error_of(raw)
+    assert status == 400 and err["param"] == "max_tokens" and err["code"] == "context_length_exceeded"
+    assert f"maximum context length is {MAX_LEN}" in err["message"] and "at most" in err["message"]
+    status, raw = request(srv.port, "POST", "/v1/chat/completions", chat("hi", max_completion_tokens=MAX_LEN))
+    assert status == 400 and error_of(raw)["param"] == "max_completion_tokens"
+    assert_serving(srv)
