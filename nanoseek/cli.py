@@ -350,23 +350,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .recipes.extend import extend
 
     stages = [int(x) for x in args.stages.split(",") if x]
     try:
         s = extend(args.checkpoint, args.data, args.out, stages, args.steps, seed=args.seed, sets=args.set or [])
-    except ValueError as e:
-        if isinstance(e, _config_error()):
-            raise
+    except ConfigError:  # main prints it (exit 2)
+        raise
+    except ValueError as e:  # e.g. a length not beyond the original context
         raise SystemExit(f"nanoseek: {e}") from None
     print(json.dumps(s, indent=2))
     return 0
-
-
-def _config_error() -> type:
-    from .config import ConfigError
-
-    return ConfigError
 
 
 def cmd_lm_eval(args: argparse.Namespace) -> int:

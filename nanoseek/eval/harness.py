@@ -31,7 +31,7 @@ from ..config import NON_NEGATIVE, POSITIVE, Range, check_fields, param
 from ..infer.chat import encode_prompt
 from ..infer.engine import Engine, SamplingParams
 from ..model import Transformer
-from .loglik import LogLik, bits_per_byte, loglikelihood, rolling_requests
+from .loglik import LogLik, bits_per_byte, loglikelihood, loglikelihood_rolling
 from .tasks import CODE_STOP, MATH_STOP, Task, TaskError, choice_prompt, extract_math_answer, load_task, math_prompt
 
 Prompt = str | list[dict[str, str]]  # raw text (a completion) or chat messages
@@ -74,6 +74,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 # ---- backends: where log-likelihoods and generations come from ---------------------------------------------------
+def split_pair(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's convention: trailing spaces of the context belong to the continuation."""
+    n = len(context) - len(context.rstrip(" "))
+    return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
+
+
 class LocalBackend:
     """A loaded model: log-likelihoods by batched forwards (nanoseek.eval.loglik), generation through the engine
     (continuous batching, latent KV cache). A prompt longer than the context loses its oldest tokens."""
@@ -85,11 +91,9 @@ class LocalBackend:
         self.max_len = self.engine.max_len
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-eval's split: trailing spaces of the context move to the continuation, and the continuation's ids
-        are those of the whole text after the context's (so BPE merges across the boundary count once)."""
-        n_space = len(context) - len(context.rstrip(" "))
-        if n_space:
-            context, continuation = context[:-n_space], context[-n_space:] + continuation
+        """lm-eval's split (`split_pair`), and the continuation's ids are those of the whole text after the
+        context's (so BPE merges across the boundary count once)."""
+        context, continuation = split_pair(context, continuation)
         ctx = self.tok.encode(context, allow_special=False)
         whole = self.tok.encode(context + continuation, allow_special=False)
         if whole[: len(ctx)] != ctx:  # the boundary merged: fall back to separate encodings
@@ -102,10 +106,7 @@ class LocalBackend:
     def rolling(self, text: str) -> tuple[float, int]:
         """(sum of log p over the text's tokens, number of tokens)."""
         ids = self.tok.encode(text, allow_special=False)
-        if not ids:
-            return 0.0, 0
-        res = loglikelihood(self.model, rolling_requests(ids, self.tok.bos_id, self.max_len), self.max_len)
-        return sum(r.logprob for r in res), len(ids)
+        return loglikelihood_rolling(self.model, ids, self.tok.bos_id, self.max_len), len(ids)
 
     def _ids(self, prompt: Prompt, max_new: int) -> list[int]:
         ids = ([self.tok.bos_id, *self.tok.encode(prompt, allow_special=False)] if isinstance(prompt, str)
@@ -157,9 +158,7 @@ class EndpointBackend:
         """log p(continuation | context) from the server's echoed prompt log-probs (text in, so any server's own
         tokenizer applies; trailing spaces of the context move to the continuation, as LocalBackend does)."""
         def one(pair: tuple[str, str]) -> LogLik:
-            ctx, cont = pair
-            n = len(ctx) - len(ctx.rstrip(" "))
-            ctx, cont = (ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont)
+            ctx, cont = split_pair(*pair)
             return self._scored(ctx + cont, len(ctx), len(ctx) + len(cont))
 
         with ThreadPoolExecutor(self.concurrency) as pool:
@@ -230,29 +229,24 @@ def _choice(backend: Backend, task: Task, cfg: EvalConfig) -> tuple[dict[str, fl
 def _generated(backend: Backend, task: Task, cfg: EvalConfig, prompts: list[Prompt], check, stop: Sequence[str],
                extra: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy pass@1 and (n_samples > 1) sampled pass@1 / pass@n; `check(i, text) -> (answer, verdict)`."""
+    samples: list[dict[str, Any]] = []
+
+    def judged(i: int, text: str, sample: str | int) -> bool:
+        ans, ok = check(i, text)
+        samples.append({"prompt": prompts[i], "output": text, "extracted": ans, "correct": ok, "sample": sample,
+                        **extra[i]})
+        return ok
+
     greedy = SamplingParams(max_new_tokens=cfg.max_new_tokens, stop=tuple(stop))
     outs = backend.generate(prompts, 1, greedy, desc=f"{task.name} greedy")
-    samples, correct = [], []
-    for i, (prompt, (text,)) in enumerate(zip(prompts, outs, strict=True)):
-        ans, ok = check(i, text)
-        correct.append(ok)
-        samples.append({"prompt": prompt, "output": text, "extracted": ans, "correct": ok, "sample": "greedy",
-                        **extra[i]})
     n = len(prompts)
-    metrics: dict[str, float] = {"pass@1_greedy": sum(correct) / n, "n": n}
+    metrics: dict[str, float] = {"pass@1_greedy": sum(judged(i, text, "greedy") for i, (text,) in enumerate(outs)) / n,
+                                 "n": n}
     if cfg.n_samples > 1:
         k = cfg.n_samples
         params = dataclasses.replace(greedy, temperature=cfg.temperature, top_p=cfg.top_p)
         outs = backend.generate(prompts, k, params, seed=cfg.seed, desc=f"{task.name} x{k}")
-        c_per = []
-        for i, (prompt, texts) in enumerate(zip(prompts, outs, strict=True)):
-            c = 0
-            for j, text in enumerate(texts):
-                ans, ok = check(i, text)
-                c += ok
-                samples.append({"prompt": prompt, "output": text, "extracted": ans, "correct": ok, "sample": j,
-                                **extra[i]})
-            c_per.append(c)
+        c_per = [sum(judged(i, text, j) for j, text in enumerate(texts)) for i, texts in enumerate(outs)]
         metrics["pass@1"] = sum(pass_at_k(k, c, 1) for c in c_per) / n
         metrics[f"pass@{k}"] = sum(pass_at_k(k, c, k) for c in c_per) / n
     return metrics, samples
@@ -272,14 +266,13 @@ def _math(backend: Backend, task: Task, cfg: EvalConfig) -> tuple[dict[str, floa
 def _problems(backend: Backend, task: Task, cfg: EvalConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """arithmetic / countdown: the GRPO held-out set, asked as a chat turn, scored by the GRPO task's rule."""
     from ..rl.grpo import score
+    from ..rl.rewards import extract_answer
     from ..rl.tasks import heldout_set
 
     problems = heldout_set(task.name, cfg.limit or 200, **cfg.task_knobs)
     prompts: list[Prompt] = [[{"role": "user", "content": p.question}] for p in problems]
 
     def check(i: int, text: str) -> tuple[str | None, bool]:
-        from ..rl.rewards import extract_answer
-
         return extract_answer(text), bool(score(problems[i], text, 0.0)[1])
 
     metrics, samples = _generated(backend, task, cfg, prompts, check, (),
@@ -332,10 +325,11 @@ def _passkey(backend: Backend, task: Task, cfg: EvalConfig) -> tuple[dict[str, A
                                              desc="passkey")]
     lls = backend.loglikelihood([(c.prompt, " " + k) for c in cases for k in (c.key, *c.distractors)])
     choice_ok = [lls[5 * i].logprob > max(r.logprob for r in lls[5 * i + 1 : 5 * i + 5]) for i in range(len(cases))]
+    correct = [g.strip().startswith(c.key) for c, g in zip(cases, greedy, strict=True)]
     samples = [{"length": c.length, "depth": c.depth, "tokens": c.n_tokens, "key": c.key, "output": g,
-                "correct": g.strip().startswith(c.key), "choice_correct": ok}
-               for c, g, ok in zip(cases, greedy, choice_ok, strict=True)]
-    return summarize(cases, greedy, choice_ok), samples
+                "correct": ok, "choice_correct": chosen}
+               for c, g, ok, chosen in zip(cases, greedy, correct, choice_ok, strict=True)]
+    return summarize(cases, correct, choice_ok), samples
 
 
 def _fim(backend: Backend, task: Task, cfg: EvalConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -60,23 +60,25 @@ def make_cases(count_tokens, lengths: Sequence[int], depths: Sequence[float], tr
                 distractors = tuple(str(rng.randint(10000, 99999)) for _ in range(4))
                 n = max(0, int((length - base) / per))
                 prompt = build_prompt(key, n, depth)
-                while n > 0 and count_tokens(prompt) > length:
+                n_tokens = count_tokens(prompt)
+                while n > 0 and n_tokens > length:
                     n -= 1
                     prompt = build_prompt(key, n, depth)
-                cases.append(PasskeyCase(length, depth, key, distractors, prompt, count_tokens(prompt)))
+                    n_tokens = count_tokens(prompt)
+                cases.append(PasskeyCase(length, depth, key, distractors, prompt, n_tokens))
     return cases
 
 
-def summarize(cases: Sequence[PasskeyCase], greedy: Sequence[str], choice_ok: Sequence[bool]) -> dict[str, Any]:
-    """Accuracy overall and per (length, depth) cell."""
+def summarize(cases: Sequence[PasskeyCase], correct: Sequence[bool], choice_ok: Sequence[bool]) -> dict[str, Any]:
+    """Accuracy (`correct`: the greedy answer starts with the key) and choice accuracy, overall and per (length,
+    depth) cell."""
     cells: dict[tuple[int, float], list[tuple[bool, bool]]] = {}
-    for c, text, ok in zip(cases, greedy, choice_ok, strict=True):
-        cells.setdefault((c.length, c.depth), []).append((text.strip().startswith(c.key), ok))
+    for c, ok, chosen in zip(cases, correct, choice_ok, strict=True):
+        cells.setdefault((c.length, c.depth), []).append((ok, chosen))
     grid = [{"length": L, "depth": d, "accuracy": sum(a for a, _ in v) / len(v),
              "choice": sum(b for _, b in v) / len(v), "n": len(v)} for (L, d), v in sorted(cells.items())]
     n = len(cases)
-    return {"accuracy": sum(t.strip().startswith(c.key) for c, t in zip(cases, greedy, strict=True)) / n,
-            "choice": sum(choice_ok) / n, "chance": 0.2, "n": n, "grid": grid}
+    return {"accuracy": sum(correct) / n, "choice": sum(choice_ok) / n, "chance": 0.2, "n": n, "grid": grid}
 
 
 def heatmap(grid: list[dict[str, Any]], path: str | Path, key: str = "accuracy", title: str = "") -> Path:

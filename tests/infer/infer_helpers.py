@@ -10,9 +10,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import torch
 import uvicorn
+from conftest import tiny_config
 
 from nanoseek.data import Tokenizer, stdlib_sources, train_tokenizer
+from nanoseek.model import Transformer
 
 _FILES = {"abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "heapq.py", "keyword.py", "numbers.py",
           "operator.py", "queue.py", "random.py", "shlex.py", "string.py", "textwrap.py"}
@@ -23,6 +26,13 @@ def small_tokenizer() -> Tokenizer:
     """A 512-token BPE with DeepSeek's specials, trained on a few standard-library files (about a second)."""
     texts = [p.read_text(encoding="utf-8") for p in stdlib_sources() if p.name in _FILES]
     return train_tokenizer(texts, vocab_size=512, show_progress=False)
+
+
+def tiny_model_and_tokenizer() -> tuple[Transformer, Tokenizer]:
+    """The servers' model: conftest's tiny DeepSeek-V3 (seed 0, eval mode) over `small_tokenizer`'s vocabulary."""
+    tok = small_tokenizer()
+    torch.manual_seed(0)
+    return Transformer(tiny_config(vocab_size=tok.vocab_size)).eval(), tok
 
 
 def free_port() -> int:

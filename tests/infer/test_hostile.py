@@ -14,9 +14,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import torch
-from conftest import tiny_config
-from infer_helpers import running_server, small_tokenizer, wait_until
+from infer_helpers import running_server, tiny_model_and_tokenizer, wait_until
 
 import nanoseek.infer.server
 from nanoseek.cli import main
@@ -25,7 +23,6 @@ from nanoseek.infer.api import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from nanoseek.infer.engine import Engine, Request, SamplingParams, stop_holdback
 from nanoseek.infer.runner import EngineRunner
 from nanoseek.infer.server import build_app
-from nanoseek.model import Transformer
 
 KEY = "hostile-test-key"
 MODEL = "nanoseek-tiny"
@@ -58,9 +55,7 @@ class SlowTokenizer:
 
 @pytest.fixture(scope="module")
 def srv():
-    tok = small_tokenizer()
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(vocab_size=tok.vocab_size)).eval()
+    model, tok = tiny_model_and_tokenizer()
     engine = Engine(model, tok, max_batch=4, max_len=MAX_LEN)
     slow = SlowTokenizer(tok)
     app = build_app(engine, slow, MODEL, api_key=KEY, max_body_bytes=MAX_BODY)

@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 from conftest import tiny_config
-from infer_helpers import running_server, small_tokenizer
+from infer_helpers import running_server, tiny_model_and_tokenizer
 
 from nanoseek.eval.loglik import loglikelihood
 from nanoseek.infer.api import TokenSpeller
@@ -29,9 +29,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def srv():
-    tok = small_tokenizer()
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(vocab_size=tok.vocab_size)).eval()
+    model, tok = tiny_model_and_tokenizer()
     engine = Engine(model, tok, max_batch=4, max_len=MAX_LEN, prefill_chunk=16)  # long prompts: several chunks
     with running_server(build_app(engine, tok, MODEL)) as (_, port):
         yield SimpleNamespace(tok=tok, model=model, engine=engine, port=port, spell=TokenSpeller(tok),

@@ -13,15 +13,12 @@ from types import SimpleNamespace
 
 import openai
 import pytest
-import torch
-from conftest import tiny_config
-from infer_helpers import run_threads, running_server, small_tokenizer, wait_until
+from infer_helpers import run_threads, running_server, tiny_model_and_tokenizer, wait_until
 
 from nanoseek.infer.api import ThinkDelta
 from nanoseek.infer.chat import encode_chat, encode_prompt, render_chat, split_think
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.infer.server import build_app
-from nanoseek.model import Transformer
 
 KEY = "test-key"
 MODEL = "nanoseek-tiny"
@@ -32,9 +29,7 @@ SYSTEM = {"role": "system", "content": "You write Python."}
 
 @pytest.fixture(scope="module")
 def srv():
-    tok = small_tokenizer()
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(vocab_size=tok.vocab_size)).eval()
+    model, tok = tiny_model_and_tokenizer()
     engine = Engine(model, tok, max_batch=4, max_len=MAX_LEN)
     app = build_app(engine, tok, MODEL, api_key=KEY, max_tokens_limit=LIMIT)
     with running_server(app) as (server, port):
