@@ -1,8 +1,8 @@
 """nanoseek: DeepSeek-V3 / R1 in plain PyTorch.
 
     import nanoseek
-    model = nanoseek.load("tiny")              # a preset, a config.json, an HF-layout checkpoint directory, or a
-                                                # distributed run's sharded checkpoint
+    model = nanoseek.load("tiny")              # a preset, a config.json, an HF-layout checkpoint directory, a
+                                                # distributed run's sharded checkpoint, or a GGUF file
     logits = model(input_ids).logits            # [B, S, V]
     nanoseek.save(model, "out/ckpt")            # Hugging Face DeepSeek-V3 layout
 """
@@ -24,9 +24,10 @@ def load(
     path_or_preset: str | os.PathLike[str] | ModelConfig, dtype: torch.dtype | None = None,
     device: torch.device | str | None = None, keep_fp8: bool = False, verify: bool = True,
 ) -> Transformer:
-    """The model for a checkpoint directory (weights loaded), a config.json or preset name / ModelConfig
-    (randomly initialised). dtype defaults to float32; device to the CPU. `keep_fp8`: the attention / MLP / expert
-    weights stay in FP8 with 128x128 block scales (as the FP8 release) and are dequantised in each forward.
+    """The model for a checkpoint directory or a llama.cpp GGUF file (`.gguf`, its F16 / BF16 / Q8_0 tensors
+    dequantised; weights loaded), a config.json or preset name / ModelConfig (randomly initialised). dtype defaults
+    to float32; device to the CPU. `keep_fp8`: the attention / MLP / expert weights stay in FP8 with 128x128 block
+    scales (as the FP8 release) and are dequantised in each forward.
 
     A training output (or its checkpoints/ folder) loads its newest valid checkpoint: newer ones that are incomplete
     or do not match their manifest are skipped with a warning. A checkpoint with a manifest.json is checked against
@@ -43,6 +44,10 @@ def load(
         from .train.checkpoint import load_sharded_model  # a distributed run's sharded checkpoint
 
         model = load_sharded_model(ckpt, device or "cpu", verify=False).to(dtype or torch.float32)
+    elif Path(path_or_preset).is_file() and Path(path_or_preset).suffix == ".gguf":
+        from .io.gguf import read_gguf
+
+        model = read_gguf(path_or_preset, dtype, device)
     elif Path(path_or_preset).is_file():
         model = build(ModelConfig.from_json(path_or_preset), dtype, device)
     elif str(path_or_preset) in PRESETS:

@@ -312,6 +312,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .io import CheckpointError
     from .train.checkpoint import export_sharded
 
+    if (args.out is None) == (args.gguf is None):
+        raise SystemExit("nanoseek: export needs one of --out DIR (Hugging Face layout) or --gguf FILE (llama.cpp)")
+    if args.gguf is not None:
+        from . import load
+        from .io.gguf import write_gguf
+        from .io.paths import load_tokenizer, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(args.checkpoint)
+        tok = load_tokenizer(ckpt, args.tokenizer)
+        try:
+            dest = write_gguf(load(ckpt, verify=False), args.gguf, tok, args.type, name=ckpt.name)
+        except CheckpointError as e:
+            raise SystemExit(f"nanoseek: {e}") from None
+        print(f"wrote {dest} (llama.cpp deepseek2 GGUF, {args.type})")
+        return 0
     try:
         dest = export_sharded(args.checkpoint, args.out)
     except CheckpointError as e:
@@ -454,9 +469,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", metavar="MESH", help=PARALLEL_HELP)
     p.set_defaults(func=cmd_sft)
 
-    p = sub.add_parser("export", help="gather a sharded checkpoint of a distributed run into the Hugging Face layout")
-    p.add_argument("checkpoint", help="a step_... directory of a run trained with --parallel")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("export", help="gather a sharded checkpoint of a distributed run into the Hugging Face layout "
+                                      "(--out), or write any checkpoint as a llama.cpp GGUF (--gguf)")
+    p.add_argument("checkpoint", help="a step_... directory of a run trained with --parallel (--out); for --gguf any "
+                                      "checkpoint directory or training output")
+    p.add_argument("--out", help="directory for the Hugging Face layout")
+    p.add_argument("--gguf", metavar="FILE", help="write a llama.cpp GGUF (architecture deepseek2) here")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="GGUF type of the weight matrices (norms and the router stay f32); default f16")
+    p.add_argument("--tokenizer", help="tokenizer.json for --gguf (default: the checkpoint's)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("grpo", help="GRPO with rule-based rewards on a verifiable task (R1-Zero recipe)")

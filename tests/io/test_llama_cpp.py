@@ -1,0 +1,154 @@
+"""GGUF exports run by llama.cpp itself (llama-cpp-python; `make test-llama` builds it from source and runs these):
+next-token logits, greedy continuations, Q8_0 top-1 agreement and tokenisation against nanoseek. The numbers are
+printed (`-s`) for BENCHMARKS.md ("GGUF / llama.cpp").
+
+The model is conftest's tiny DeepSeek-V3 with every feature on (YaRN, query compression, group-limited sigmoid routing
+with a non-zero balancing bias, a leading dense block, an MTP module), briefly trained so that its next-token
+distributions are peaked as a real model's are."""
+
+from __future__ import annotations
+
+import difflib
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from nanoseek.data import stdlib_sources, train_tokenizer
+from nanoseek.io.gguf import read_gguf_tokenizer, write_gguf
+from nanoseek.model import Transformer
+from nanoseek.model.moe import update_bias
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test-llama builds it)")
+pytestmark = pytest.mark.llama
+
+SAME_SPLITS = ["hello world", "  leading and trailing   ", "a\n\n\nb\r\n", "12345678 + 9.5", "café naïve Ωmega ½",
+               "emoji 🙂🚀 end", "    indented\n        deeper\n", "x  =  1\t# tab", "",
+               "<｜begin▁of▁sentence｜>x<｜end▁of▁sentence｜>", "<think>why</think> so", "<｜User｜>hi<｜Assistant｜>"]
+DIFFERENT_SPLITS = ["def f(x):\n\treturn x_y + 1", "日本語のテキスト and 漢字", "obj.attr(foo_bar)", "don't stop",
+                    "self._loop.call_soon(self._read_ready)", "def __init__(self):"]
+TRAIN_FILES = {"bisect.py", "heapq.py", "shlex.py", "textwrap.py", "string.py", "random.py", "copy.py"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(model, tokenizer, f32 path, q8_0 path, held-out token ids)."""
+    files = {p.name: p.read_text(encoding="utf-8") for p in stdlib_sources()}
+    tok = train_tokenizer([files[n] for n in TRAIN_FILES], vocab_size=2048, show_progress=False)
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=tok.vocab_size))
+    data = torch.tensor(tok.encode("\n".join(files[n] for n in sorted(TRAIN_FILES))))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small GEMMs: one thread is fastest, and immune to a busy second core
+    for _ in range(80):
+        starts = torch.randint(0, len(data) - 65, (8,))
+        batch = torch.stack([data[s : s + 65] for s in starts])
+        out = model(batch[:, :-1], labels=batch[:, 1:])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        for gate, load in zip(model.moe_gates(), out.expert_load, strict=True):
+            update_bias(gate, load, 1e-2)  # auxiliary-loss-free balancing (V3 §2.1.2): a non-zero bias
+    torch.set_num_threads(threads)
+    model.eval()
+    d = tmp_path_factory.mktemp("gguf")
+    held_out = torch.tensor(tok.encode(files["fnmatch.py"])[:200])
+    return model, tok, write_gguf(model, d / "f32.gguf", tok, "f32"), write_gguf(model, d / "q8.gguf", tok, "q8_0"), \
+        held_out
+
+
+def llama(path, **kw):
+    return llama_cpp.Llama(str(path), n_ctx=256, n_batch=256, n_ubatch=256, logits_all=True, n_threads=1,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False,
+                           yarn_beta_fast=-1.0, yarn_beta_slow=-1.0, verbose=False, **kw)
+
+
+def llama_logits(llm, ids: torch.Tensor) -> torch.Tensor:
+    llm.reset()
+    llm.eval(ids.tolist())
+    return torch.from_numpy(np.array(llm.scores[: len(ids)]))
+
+
+def test_f32_logits_match_nanoseek(setup):
+    model, _, f32, _, ids = setup
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0]
+    got = llama_logits(llama(f32), ids)
+    err = (got - ref).abs().max().item()
+    rel = err / ref.abs().max().item()
+    print(f"\n[llama.cpp F32] next-token logits over {len(ids)} positions: max |delta| {err:.3g} "
+          f"(max |logit| {ref.abs().max():.3g}, relative {rel:.3g}); top-1 agreement "
+          f"{(got.argmax(-1) == ref.argmax(-1)).float().mean():.3f}")
+    assert rel <= 1e-3
+
+
+def test_f32_greedy_continuation_matches_nanoseek(setup):
+    model, _, f32, _, ids = setup
+    prompt = ids[:24].tolist()
+    ours = list(prompt)
+    with torch.no_grad():
+        for _ in range(32):
+            ours.append(int(model(torch.tensor([ours])).logits[0, -1].argmax()))
+    llm = llama(f32)
+    llm.reset()
+    llm.eval(prompt)
+    theirs = list(prompt)
+    for _ in range(32):  # llama.cpp's incremental decode over its KV cache
+        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([theirs[-1]])
+    same = sum(a == b for a, b in zip(ours[24:], theirs[24:], strict=True))
+    print(f"\n[llama.cpp F32] greedy continuation: {same}/32 tokens equal to nanoseek's")
+    assert theirs == ours
+
+
+def test_q8_0_top1_agreement(setup):
+    model, _, _, q8, ids = setup
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0]
+    got = llama_logits(llama(q8), ids)
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    err = (got - ref).abs()
+    print(f"\n[llama.cpp Q8_0] top-1 agreement with nanoseek F32 over {len(ids)} positions: {agree:.3f}; "
+          f"|delta| logits mean {err.mean():.3g}, max {err.max():.3g} (max |logit| {ref.abs().max():.3g})")
+    assert agree >= 0.95
+
+
+def test_tokenisation(setup):
+    """Same ids as nanoseek wherever llama.cpp's deepseek-v3 pre-tokenizer splits as nanoseek's does; everywhere
+    the same ids as the tokenizer rebuilt from the GGUF fields (so vocabulary, merges and specials are exported
+    right and the only difference is the pre-tokenizer regex, see nanoseek.io.gguf)."""
+    _, tok, f32, _, _ = setup
+    llm = llama(f32, vocab_only=True)
+    rebuilt = read_gguf_tokenizer(f32, embedded=False)
+
+    def theirs(s: str) -> list[int]:
+        return llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
+
+    for s in SAME_SPLITS:
+        assert theirs(s) == tok.encode(s), s
+    for s in SAME_SPLITS + DIFFERENT_SPLITS:
+        assert theirs(s) == rebuilt.encode(s), s
+    text = stdlib_sources()[0].parent.joinpath("fnmatch.py").read_text(encoding="utf-8")
+    ours, other = tok.encode(text), theirs(text)
+    assert other == rebuilt.encode(text)
+    matched = sum(b.size for b in difflib.SequenceMatcher(None, ours, other, autojunk=False).get_matching_blocks())
+    differ = sum(theirs(s) != tok.encode(s) for s in DIFFERENT_SPLITS)
+    print(f"\n[llama.cpp tokens] {len(SAME_SPLITS)}/{len(SAME_SPLITS)} tricky strings identical, {differ}/"
+          f"{len(DIFFERENT_SPLITS)} pre-tokenizer-divergent ones differ; held-out fnmatch.py: {len(ours)} tokens "
+          f"(nanoseek) vs {len(other)} (llama.cpp), {matched / len(ours):.4f} of nanoseek's matched")
+    assert llm.token_bos() == tok.bos_id and llm.token_eos() == tok.eos_id
+
+
+def test_mtp_layers_load(setup):
+    """The MTP module (V3 §2.2) loads as llama.cpp's nextn layer when asked for."""
+    model, _, f32, _, _ = setup
+    params = llama_cpp.llama_model_default_params()
+    params.load_mtp = True
+    m = llama_cpp.llama_model_load_from_file(str(f32).encode(), params)
+    assert m is not None
+    try:
+        assert llama_cpp.llama_model_n_layer_nextn(m) == model.config.num_nextn_predict_layers == 1
+    finally:
+        llama_cpp.llama_model_free(m)
