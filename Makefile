@@ -10,7 +10,7 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-.PHONY: demo test lint bench balancing install test-lmeval
+.PHONY: demo test lint bench balancing install test-lmeval test-browser test-llama
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -35,3 +35,19 @@ balancing: $(STAMP)
 test-lmeval: $(STAMP)
 	$(PY) -m pip install -q -r requirements-lmeval.txt -c requirements.txt
 	$(PY) -m pytest -q -m lmeval tests/eval
+
+# The chat page in a real headless Chromium: Debian's chromium (installed when missing and apt is usable as root;
+# playwright drives the system browser, so nothing is downloaded at test time), then the browser tests.
+test-browser: $(STAMP)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || true
+	$(PY) -m pip install -q -r requirements-browser.txt -c requirements.txt
+	$(PY) -m pytest -q -m browser tests/infer
+
+# GGUF exports checked against llama.cpp: llama-cpp-python built from source (a long compile on 2 cores: 45 minutes
+# beside other jobs; the bindings only, no tools or multimodal library), then its tests print the parity numbers (BENCHMARKS.md).
+LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF
+test-llama: $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip install -q --no-binary llama-cpp-python -r requirements-llama.txt \
+		-c requirements.txt
+	$(PY) -m pytest -q -s -m llama tests/io

@@ -27,23 +27,59 @@ SPECIAL_TOKENS: dict[str, str] = {
     "think_end": "</think>",
     "answer": "<answer>",
     "answer_end": "</answer>",
+    # DeepSeek-V3's tool-call tokens (its tokenizer_config.json chat template; nanoseek.infer.tools)
+    "tool_calls_begin": "<\uff5ctool\u2581calls\u2581begin\uff5c>",
+    "tool_calls_end": "<\uff5ctool\u2581calls\u2581end\uff5c>",
+    "tool_call_begin": "<\uff5ctool\u2581call\u2581begin\uff5c>",
+    "tool_call_end": "<\uff5ctool\u2581call\u2581end\uff5c>",
+    "tool_sep": "<\uff5ctool\u2581sep\uff5c>",
+    "tool_outputs_begin": "<\uff5ctool\u2581outputs\u2581begin\uff5c>",
+    "tool_outputs_end": "<\uff5ctool\u2581outputs\u2581end\uff5c>",
+    "tool_output_begin": "<\uff5ctool\u2581output\u2581begin\uff5c>",
+    "tool_output_end": "<\uff5ctool\u2581output\u2581end\uff5c>",
 }
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 # DeepSeek-V3's chat layout as a Jinja template for transformers' `apply_chat_template` (the same string as
-# nanoseek.infer.chat.render_chat, tested): bos, the system messages joined by a blank line, `<｜User｜>text` per user
-# turn, `<｜Assistant｜>text<｜end▁of▁sentence｜>` per assistant turn (only what follows its last `</think>`, as R1's
-# template), then `<｜Assistant｜>` as the generation prompt.
+# nanoseek.infer.chat.render_chat, tested): bos, the system messages joined by a blank line (then the `# Tools`
+# section of `tools=`, see nanoseek.infer.tools), `<｜User｜>text` per user turn,
+# `<｜Assistant｜>text[calls block]<｜end▁of▁sentence｜>` per assistant turn (only what follows its last `</think>`,
+# as R1's template), `tool` messages as V3's tool outputs block, then `<｜Assistant｜>` as the generation prompt
+# (none after tool outputs: their `<｜tool▁outputs▁end｜>` is the prompt, as V3's template).
+_CALL = ("'<｜tool▁call▁begin｜>function<｜tool▁sep｜>' + c['function']['name'] + '\\n```json\\n' + "
+         "(c['function']['arguments'] if c['function']['arguments'] is string else c['function']['arguments'] "
+         "| tojson) + '\\n```<｜tool▁call▁end｜>'")
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% set ns = namespace(system=[]) %}"
+    "{{ bos_token }}{% set ns = namespace(system=[], outputs=false) %}"
     "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = ns.system + [m['content']] %}"
     "{% endif %}{% endfor %}{{ ns.system | join('\\n\\n') }}"
-    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}"
-    "{{ '<｜Assistant｜>' + m['content'].split('</think>')[-1] + eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{% if tools %}{% if ns.system %}{{ '\\n\\n' }}{% endif %}"
+    "{{ '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided "
+    "with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{% for t in tools %}{{ '\\n' + (t | tojson) }}{% endfor %}"
+    "{{ '\\n</tools>\\n\\nFor function call returns, you should first print <｜tool▁calls▁begin｜>\\nFor each "
+    "function call, you should return object like:\\n<｜tool▁call▁begin｜>function<｜tool▁sep｜><function_name>\\n"
+    "```json\\n<function_arguments_in_json_format>\\n```<｜tool▁call▁end｜>\\nAt the end of function call returns, "
+    "you should print <｜tool▁calls▁end｜>' }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] in ['user', 'assistant'] and ns.outputs %}{{ '<｜tool▁outputs▁end｜>' }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{% if not ns.outputs %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{% if m['content'] %}{{ m['content'].split('</think>')[-1] }}{% endif %}"
+    "{% if m['tool_calls'] %}{{ '<｜tool▁calls▁begin｜>' }}{% for c in m['tool_calls'] %}"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}{{ " + _CALL + " }}{% endfor %}{{ '<｜tool▁calls▁end｜>' }}"
+    "{% endif %}{{ eos_token }}"
+    "{% elif m['role'] == 'tool' %}{{ '\\n' if ns.outputs else '<｜tool▁outputs▁begin｜>' }}"
+    "{{ '<｜tool▁output▁begin｜>' + m['content'] + '<｜tool▁output▁end｜>' }}{% endif %}"
+    "{% if m['role'] != 'system' %}{% set ns.outputs = m['role'] == 'tool' %}{% endif %}{% endfor %}"
+    "{% if ns.outputs %}{{ '<｜tool▁outputs▁end｜>' }}{% elif add_generation_prompt %}{{ '<｜Assistant｜>' }}"
+    "{% endif %}"
 )
+# What a tokenizer without the tool tokens (an older nanoseek checkpoint) renders instead of a tools conversation.
+_NO_TOOLS = ("{% if tools or messages | selectattr('role', 'equalto', 'tool') | list or messages | "
+             "selectattr('tool_calls') | list %}{{ raise_exception('this tokenizer has no tool-call tokens "
+             "(<｜tool▁calls▁begin｜>, ...): it cannot render tools or tool calls') }}{% endif %}")
 
 # Fallback spellings so that non-DeepSeek tokenizer.json files (GPT-2, Llama, ...) still load.
 _FALLBACKS: dict[str, tuple[str, ...]] = {
@@ -141,6 +177,8 @@ class Tokenizer:
         if len(chat) == 2:  # a chat template needs the turn markers
             think = self.special_ids.get("think_end")
             template = CHAT_TEMPLATE.replace("<｜User｜>", chat["user"]).replace("<｜Assistant｜>", chat["assistant"])
+            if not all(k in self.special_ids for k in SPECIAL_TOKENS if k.startswith("tool_")):
+                template = _NO_TOOLS + template
             cfg["chat_template"] = template.replace("</think>", tok(think) if think is not None else "</think>")
         return cfg
 

@@ -2,7 +2,9 @@
 errors in OpenAI's shape, and the response / stream-chunk bodies. server.py puts these behind routes.
 
 Extra request fields beyond OpenAI's: `top_k`, `ignore_eos`, and `think` on chat (R1: open `<think>` in the
-prompt and return the reasoning separately as `reasoning_content`). Errors are
+prompt and return the reasoning separately as `reasoning_content`). Chat takes OpenAI's `tools` and `tool_choice`
+in DeepSeek-V3's format (`tools.py`): the model's calls come back as `tool_calls` (finish_reason "tool_calls"),
+each call whole in one stream delta; 'required' or a named function opens the call in the prompt. Errors are
 `{"error": {"message", "type", "param", "code"}}` with an HTTP status.
 
 A text prompt of /v1/completions gets the tokenizer's bos first (as Hugging Face and vLLM do for DeepSeek, whose
@@ -23,15 +25,17 @@ temperatures, seeds beyond 64 bits: see `SamplingParams`).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .chat import THINK_END, encode_prompt, split_think, validate_messages
+from .chat import THINK_END, chat_specials, encode_prompt, split_think, validate_messages
 from .engine import SamplingParams, TokenLogprob, int64_seed
 from .sampling import Detokenizer
+from .tools import TOOL_TOKENS, ToolCallParser, ToolChoice, ToolChoiceError, history_calls, tool_choice
 
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; every stop string is searched for in every step's new text
 MAX_STOP_CHARS = 400
@@ -124,7 +128,8 @@ class ChatBody(BaseBody):
     think: bool = False  # extra: R1-style reasoning (prompt opens <think>, answer split into reasoning_content)
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # validated by tools.tool_choice
+    tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
 
@@ -133,12 +138,11 @@ def n_choices(body: BaseBody) -> int:
 
 
 def check_supported(body: BaseBody) -> None:
-    """APIError for a field set to something this server does not do (best_of != n, tools, penalties, ...)."""
+    """APIError for a field set to something this server does not do (best_of != n, penalties, ...)."""
     checks = [
         ("best_of", getattr(body, "best_of", None) not in (None, 1, n_choices(body)),
          "best_of is not supported (other than best_of = n)"),
         ("suffix", getattr(body, "suffix", None) is not None, "suffix is not supported"),
-        ("tools", bool(getattr(body, "tools", None)), "tools are not supported"),
         ("presence_penalty", bool(body.presence_penalty), "presence_penalty is not supported"),
         ("frequency_penalty", bool(body.frequency_penalty), "frequency_penalty is not supported"),
         ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
@@ -226,10 +230,34 @@ def completion_prompt(body: CompletionBody, tokenizer: Any, max_chars: int | Non
     return [bos, *ids], 1
 
 
+def chat_tools(body: ChatBody, tokenizer: Any = None) -> ToolChoice:
+    """The request's validated `tools` and `tool_choice`; APIError naming the field, also for tools asked of a
+    tokenizer without DeepSeek-V3's tool-call tokens (an older checkpoint) and for a forced call with `think`."""
+    try:
+        choice = tool_choice(body.tools, body.tool_choice)
+    except ToolChoiceError as e:
+        raise APIError(400, str(e), e.param, "invalid_value") from e
+    if choice.rendered and tokenizer is not None:
+        try:
+            sp = chat_specials(tokenizer)
+        except ValueError as e:  # no chat template at all
+            raise APIError(400, str(e), "messages", "invalid_value") from e
+        if missing := [k for k in TOOL_TOKENS if k not in sp]:
+            raise APIError(400, f"this model's tokenizer has no tool-call tokens ({len(missing)} of DeepSeek-V3's "
+                           "9 missing, e.g. <｜tool▁calls▁begin｜>): it cannot call tools", "tools",
+                           "unsupported_parameter")
+    if choice.forced and body.think:
+        raise APIError(400, "tool_choice 'required' or a named function opens the call in the prompt, which leaves "
+                       "no room for think's reasoning: use tool_choice 'auto' with think", "tool_choice",
+                       "invalid_value")
+    return choice
+
+
 def chat_prompt(body: ChatBody, tokenizer: Any, max_chars: int | None = None) -> list[int]:
     """The ids of a chat request's messages with the generation prompt: only the template's markers are special
-    ids (`chat.encode_prompt`); message content is plain text whatever it spells. At most `max_chars` characters
-    of content in all, checked before tokenising."""
+    ids (`chat.encode_prompt`); message content, tool definitions and call arguments are plain text whatever they
+    spell. At most `max_chars` characters of content in all, checked before tokenising. With tools (see
+    `chat_tools`), they are in the system prompt, and tool_choice 'required' or a named function opens a call."""
     if body.messages is None:
         raise APIError(400, "messages is required: a list of {role, content} objects", "messages",
                        "missing_required_parameter")
@@ -237,11 +265,18 @@ def chat_prompt(body: ChatBody, tokenizer: Any, max_chars: int | None = None) ->
         turns = validate_messages(body.messages)
     except ValueError as e:
         raise APIError(400, str(e), "messages", "invalid_value") from e
-    _check_length(sum(len(content) for _, content in turns), max_chars, "messages")
-    for _, content in turns:
+    choice = chat_tools(body, tokenizer)
+    texts = [content for _, content in turns] + [name + args for i, m in enumerate(body.messages)
+                                                 if m.get("role") == "assistant" and m.get("tool_calls")
+                                                 for name, args in history_calls(i, m["tool_calls"])]
+    tools_json = json.dumps(choice.rendered, ensure_ascii=False) if choice.rendered else ""
+    _check_length(sum(map(len, texts)) + len(tools_json), max_chars, "messages")
+    for content in texts:
         check_text(content, "messages")
+    check_text(tools_json, "tools")
+    forced = None if not choice.forced else choice.name or ""
     try:
-        return encode_prompt(body.messages, tokenizer, think=body.think)
+        return encode_prompt(body.messages, tokenizer, think=body.think, tools=choice.rendered, forced_call=forced)
     except ValueError as e:
         raise APIError(400, str(e), "messages", "invalid_value") from e
 
@@ -519,13 +554,17 @@ def completion_choice(index: int, text: str, logprobs: dict[str, Any] | None = N
 
 
 def chat_chunk_choice(index: int, reasoning: str, content: str, finish_reason: str | None,
-                      logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One of the `choices` of a chat stream chunk (the delta holds only what is non-empty)."""
-    delta: dict[str, str] = {}
+                      logprobs: dict[str, Any] | None = None,
+                      tool_calls: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """One of the `choices` of a chat stream chunk (the delta holds only what is non-empty; tool_calls: the
+    `ToolCall.delta()`s of calls completed since the previous chunk)."""
+    delta: dict[str, Any] = {}
     if reasoning:
         delta["reasoning_content"] = reasoning
     if content:
         delta["content"] = content
+    if tool_calls:
+        delta["tool_calls"] = list(tool_calls)
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
@@ -535,13 +574,27 @@ def chat_first_choice(index: int) -> dict[str, Any]:
 
 
 def chat_message_choice(index: int, text: str, finish_reason: str | None, think: bool,
-                        logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+                        logprobs: dict[str, Any] | None = None,
+                        tools: ToolCallParser | None = None) -> dict[str, Any]:
     """One of the `choices` of a finished chat completion (think: the reasoning split off into
-    reasoning_content)."""
+    reasoning_content; tools: a fresh parser that splits the answer into content and `tool_calls`, the content
+    null when there are calls and no text)."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if think:
         message["reasoning_content"], message["content"] = split_think(text, in_think=True)
+    if tools is not None:
+        content, calls = tools.parse(message["content"])
+        message["content"] = content if content or not calls else None
+        if calls:
+            message["tool_calls"] = [c.openai() for c in calls]
+        finish_reason = tool_finish(finish_reason, tools)
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def tool_finish(finish_reason: str | None, tools: ToolCallParser | None) -> str | None:
+    """The finish_reason of a choice: "tool_calls" when the model stopped after calling tools (a choice cut
+    by max_tokens stays "length")."""
+    return "tool_calls" if tools is not None and tools.calls and finish_reason == "stop" else finish_reason
 
 
 def _holdback(text: str, marker: str) -> str:

@@ -188,15 +188,17 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .eplb import EPLBConfig
     from .server import serve
 
     api_key = resolve_api_key(args)  # before the (slow) load: a bad key fails at once
+    eplb = EPLBConfig.parse(args.eplb) if args.eplb else None
     model, tok, ckpt = load_for_inference(args)
     engine = build_engine(model, tok, args)
     name = args.model_name or ckpt.name
     serve(engine, tok, name, host=args.host, port=args.port, api_key=api_key,
           max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-          max_prompt_chars=args.max_prompt_chars)
+          max_prompt_chars=args.max_prompt_chars, eplb=eplb)
     return 0
 
 
@@ -251,4 +253,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-chars", type=int,
                    help="longer prompts get 400 before tokenising (default 64 per token of the context)")
     p.add_argument("--model-name", help="the model id clients use (default: the checkpoint dir name)")
+    p.add_argument("--eplb", metavar="SPEC", help="redundant experts re-planned from the served load, e.g. "
+                   "gpus=8,redundant=8,interval=30 (nanoseek.infer.eplb.EPLBConfig); GET /eplb shows the plan")
     p.set_defaults(func=cmd_serve)

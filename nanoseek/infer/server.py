@@ -7,8 +7,10 @@
     client.chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": "Hi"}])
 
 Routes: GET /health (never needs the key), GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
-with `stream`, SSE chunks ending in `data: [DONE]`). The engine thread (`runner.EngineRunner`) steps the engine
-while any request is queued or running, so concurrent HTTP requests share decode forwards (continuous batching).
+with `stream`, SSE chunks ending in `data: [DONE]`), GET /metrics (Prometheus text, `metrics.py`; no key, as in
+vLLM) and GET / (a chat page in plain HTML/JS/CSS from `static/`, nothing remote; it asks for the key if needed).
+The engine thread (`runner.EngineRunner`) steps the engine while any request is queued or running, so concurrent
+HTTP requests share decode forwards (continuous batching).
 Request bodies, their mapping to sampling parameters, the errors and the response bodies are in `api.py` (extra
 fields beyond OpenAI's: `top_k`, `ignore_eos`, `think` on chat). Errors use OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`. A client that disconnects cancels its request.
@@ -46,13 +48,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import (
@@ -71,6 +75,7 @@ from .api import (
     chat_logprobs,
     chat_message_choice,
     chat_prompt,
+    chat_tools,
     check_request,
     choice_params,
     completion_choice,
@@ -79,10 +84,13 @@ from .api import (
     model_not_found,
     n_choices,
     sampling_params,
+    tool_finish,
     usage,
     validation_error,
 )
 from .engine import Engine, Request, SamplingParams
+from .eplb import EPLBConfig, Rebalancer
+from .metrics import CONTENT_TYPE, CountRequests, ServerMetrics
 from .runner import EngineRunner, RunnerClosed
 
 log = logging.getLogger("nanoseek.server")
@@ -90,6 +98,12 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks whe
 MAX_BODY_BYTES = 4 * 2**20  # default request body limit (a full 128K-token context is well under 1 MB of text)
 PROMPT_CHARS_PER_TOKEN = 64  # default prompt limit in characters per context token: longer cannot fit
 SHUTDOWN_DRAIN_S = 5.0  # after the grace period: how long cancelled requests get to send their error
+STATIC_DIR = Path(__file__).with_name("static")  # the chat page: plain HTML/JS/CSS, no build step, nothing remote
+STATIC_PATH = "/static"
+PUBLIC_PATHS = ("/health", "/metrics", "/")  # and the page's files under STATIC_PATH
+# the page may load only its own files and talk only to this server
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                                           "form-action 'none'; frame-ancestors 'none'", "Cache-Control": "no-cache"}
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
@@ -107,7 +121,8 @@ def _error_response(err: APIError) -> JSONResponse:
 
 
 class _Auth:
-    """ASGI middleware: every HTTP route except /health needs `Authorization: Bearer <api_key>`."""
+    """ASGI middleware: every HTTP route but the public ones (/health, /metrics as in vLLM, the chat page: it asks
+    its user for the key) needs `Authorization: Bearer <api_key>`."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
@@ -118,7 +133,8 @@ class _Auth:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path") != "/health":
+        path = scope.get("path") or ""
+        if scope["type"] == "http" and path not in PUBLIC_PATHS and not path.startswith(STATIC_PATH + "/"):
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not self._ok(given):
                 msg = "missing API key" if not given else "incorrect API key"
@@ -225,14 +241,15 @@ def _sse(obj: dict[str, Any]) -> str:
 # ---- the app --------------------------------------------------------------------------------------------------
 def build_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | None = None,
               max_tokens_limit: int | None = None, max_body_bytes: int | None = None,
-              max_prompt_chars: int | None = None) -> FastAPI:
+              max_prompt_chars: int | None = None, eplb: EPLBConfig | None = None) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine thread (`app.state.runner`).
 
     api_key: required as a bearer token on every route but /health (None: no authentication; an empty or blank
     key is refused, not taken as none). max_tokens_limit: the largest max_tokens a request may ask for (default:
     no limit beyond the context). max_body_bytes: larger request bodies get 413 (default MAX_BODY_BYTES).
     max_prompt_chars: longer prompts (all message contents together, for chat) get 400 before tokenising (default:
-    PROMPT_CHARS_PER_TOKEN per token of the engine's context)."""
+    PROMPT_CHARS_PER_TOKEN per token of the engine's context). eplb: re-plan redundant experts from the served
+    load every eplb.interval seconds (infer/eplb.py; GET /eplb shows the plan)."""
     if engine.tokenizer is None:
         raise ValueError("the engine needs a tokenizer (Engine(model, tokenizer)) to decode text and stop strings")
     if api_key is not None and not api_key.strip():
@@ -243,21 +260,33 @@ def build_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | No
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     prompt_chars = max_prompt_chars if max_prompt_chars is not None else PROMPT_CHARS_PER_TOKEN * engine.max_len
     runner = EngineRunner(engine)
+    metrics = ServerMetrics(engine)  # its expert-load hooks sit on the model while the app runs
     created = int(time.time())
+    rebalancer = (Rebalancer(engine.model, metrics.expert_load, eplb)
+                  if eplb is not None and metrics.expert_load is not None else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if metrics.expert_load is not None:
+            metrics.expert_load.attach()
         runner.start()
+        replans = asyncio.create_task(rebalancer.run()) if rebalancer is not None else None
         try:
             yield
         finally:
+            if replans is not None:
+                replans.cancel()
             await asyncio.to_thread(runner.stop)
+            if metrics.expert_load is not None:
+                metrics.expert_load.remove()
 
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runner, app.state.engine, app.state.tokenizer = runner, engine, tokenizer
+    app.state.metrics = metrics
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
-        app.add_middleware(_Auth, api_key=api_key)  # added last: outermost, so no key, no body read
+        app.add_middleware(_Auth, api_key=api_key)  # outside the body limit: no key, no body read
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: refusals count too
 
     @app.exception_handler(APIError)
     async def _api_error(_: HTTPRequest, exc: APIError) -> JSONResponse:
@@ -286,6 +315,23 @@ def build_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | No
         return {"status": "ok" if runner.running else "stopped", "model": model_name, "running": running,
                 "waiting": waiting}
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(await asyncio.to_thread(metrics.render, runner), media_type=CONTENT_TYPE)  # reads the device
+
+    if rebalancer is not None:
+        app.state.rebalancer = rebalancer
+
+        @app.get("/eplb")
+        async def eplb_status() -> dict[str, Any]:
+            return await asyncio.to_thread(rebalancer.status)
+
+    @app.get("/")
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    app.mount(STATIC_PATH, StaticFiles(directory=STATIC_DIR), name="static")
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
@@ -312,7 +358,7 @@ def build_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | No
         try:
             for j in range(n):
                 watch = _Watch(loop, queue, j, final_only=not stream)
-                reqs.append(runner.submit(prompt, choice_params(sp, j), watch.on_update))
+                reqs.append(runner.submit(prompt, choice_params(sp, j), metrics.track(watch.on_update)))
         except ValueError as e:
             raise APIError(400, str(e), param, "invalid_value") from e
         except RunnerClosed as e:
@@ -321,6 +367,7 @@ def build_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | No
             if len(reqs) < n:
                 for req in reqs:
                     runner.cancel(req)
+        metrics.count_prompt(len(prompt))  # once: the choices share it, as `usage` counts it
         return reqs, queue
 
     async def finals(reqs: list[Request], queue: asyncio.Queue[Progress], http: HTTPRequest) -> list[Progress]:
@@ -412,6 +459,7 @@ def build_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | No
         check_request(body, model_name)
         # off the event loop; only the template's markers become special tokens
         ids = await asyncio.to_thread(chat_prompt, body, tokenizer, prompt_chars)
+        tools = chat_tools(body)  # validated by chat_prompt: a parser per choice splits off the tool calls
         sp = params(body, len(ids), None)
         n = n_choices(body)
         reqs, queue = submit(ids, sp, n, "messages", bool(body.stream))
@@ -428,15 +476,24 @@ def build_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | No
 
         if body.stream:
             deltas = [ThinkDelta(body.think) for _ in range(n)]
+            parsers = [tools.parser() for _ in range(n)]
 
             def chunks(upd: Progress) -> list[dict[str, Any]]:
-                reasoning, content = deltas[upd.index](upd.text, upd.finish_reason is not None)
+                finished = upd.finish_reason is not None
+                reasoning, content = deltas[upd.index](upd.text, finished)
+                parser, calls = parsers[upd.index], []
+                if parser is not None:  # the same parser as non-streaming, fed the content in pieces
+                    content, calls = parser.feed(content)
+                    if finished:
+                        rest, more = parser.finish()
+                        content, calls = content + rest, calls + more
                 logprobs = logprobs_of(upd)
                 out = []
-                if reasoning or content or (logprobs and logprobs["content"]):
-                    out.append(chat_chunk_choice(upd.index, reasoning, content, None, logprobs))
-                if upd.finish_reason is not None:
-                    out.append(chat_chunk_choice(upd.index, "", "", upd.finish_reason))
+                if reasoning or content or calls or (logprobs and logprobs["content"]):
+                    out.append(chat_chunk_choice(upd.index, reasoning, content, None, logprobs,
+                                                 [c.delta() for c in calls]))
+                if finished:
+                    out.append(chat_chunk_choice(upd.index, "", "", tool_finish(upd.finish_reason, parser)))
                 return out
 
             return stream(reqs, queue, head, chunks, [chat_first_choice(j) for j in range(n)],
@@ -444,7 +501,7 @@ def build_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | No
         ends = await finals(reqs, queue, http)
 
         def whole() -> list[dict[str, Any]]:
-            return [chat_message_choice(j, upd.text, upd.finish_reason, body.think, logprobs_of(upd))
+            return [chat_message_choice(j, upd.text, upd.finish_reason, body.think, logprobs_of(upd), tools.parser())
                     for j, upd in enumerate(ends)]
 
         out = await asyncio.to_thread(whole) if body.logprobs else whole()  # detokenising: off the event loop
@@ -489,9 +546,9 @@ def serve(
     engine: Engine, tokenizer: Any, model_name: str, host: str = "127.0.0.1", port: int = 8000,
     api_key: str | None = None, max_tokens_limit: int | None = None, log_level: str = "info",
     timeout_graceful_shutdown: float | None = 30.0, max_body_bytes: int | None = None,
-    max_prompt_chars: int | None = None,
+    max_prompt_chars: int | None = None, eplb: EPLBConfig | None = None,
 ) -> None:
     """Run the server until SIGINT/SIGTERM (see `make_server` for the shutdown, `build_app` for the options)."""
     app = build_app(engine, tokenizer, model_name, api_key=api_key, max_tokens_limit=max_tokens_limit,
-                    max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars)
+                    max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars, eplb=eplb)
     make_server(app, host, port, log_level, timeout_graceful_shutdown).run()

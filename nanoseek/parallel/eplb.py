@@ -7,6 +7,9 @@ about the same load, from an expert-load matrix [layers, experts] (e.g. a moving
                   the node's slots are full) -> replicas -> the node's GPUs, balanced, equally many per GPU
     global        (otherwise; decode, large EP) the same over one node holding every GPU
 
+Serving with a plan (`install_plan`): every MoE layer's dispatch sends each (token, expert) pair to one of the
+expert's replicas in turn, over physical slots holding copies of the experts' weights; the outputs do not change.
+
 Packing is largest-first onto the lightest bin that still has room, then improved by pairwise swaps between the
 heaviest bin and the others while a swap lowers the heavier of the two. Physical slot r lives on GPU
 r // (replicas / GPUs); a replica carries its expert's load divided by the expert's replica count.
@@ -18,6 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
+
+from ..model import Transformer
+from ..model.moe import Experts, MoE, dispatch_combine
 
 
 @dataclass
@@ -127,3 +134,66 @@ def rebalance(load: torch.Tensor, num_replicas: int, num_groups: int, num_nodes:
             log2phy[i, e, seen[e]] = r
             seen[e] += 1
     return Plan(phy2log, log2phy, logcnt)
+
+
+# ---- serving with a plan: each (token, expert) pair goes to one of the expert's replicas ----------------------
+class ReplicatedExperts(Experts):
+    """The physical expert slots of one MoE layer under a plan: slot r holds a copy of expert phy2log[r]'s weights
+    (taken when the plan is installed: for inference, whose weights do not change)."""
+
+    def __init__(self, experts: Experts, phy2log: torch.Tensor) -> None:
+        nn.Module.__init__(self)
+        self.n_experts, self.inter = len(phy2log), experts.inter
+        w1, w2 = experts.weights()
+        idx = phy2log.to(w1.device)
+        self.gate_up_proj = nn.Parameter(w1.detach()[idx], requires_grad=False)
+        self.down_proj = nn.Parameter(w2.detach()[idx], requires_grad=False)
+
+
+class ReplicaDispatch:
+    """`MoE.dispatch` for one layer under a plan (phy2log [R], log2phy [E, M], logcnt [E] of that layer): the n-th
+    (token, expert e) pair of a batch goes to replica n mod logcnt[e] of e, so each replica gets an equal share of its
+    expert's tokens (V3 §3.4: the redundant experts of inference); the outputs are the unreplicated layer's."""
+
+    def __init__(self, experts: Experts, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> None:
+        self.physical = ReplicatedExperts(experts, phy2log)
+        self.log2phy, self.logcnt = log2phy, logcnt
+        self.slot_load = torch.zeros(len(phy2log), dtype=torch.long)  # tokens each slot received since install
+
+    def slots(self, idx: torch.Tensor) -> torch.Tensor:
+        """The physical slot of each (token, expert) pair of idx [T, K] (logical experts)."""
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self.logcnt))
+        starts = counts.cumsum(0) - counts
+        nth = torch.empty_like(flat)
+        nth[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # n-th pair of its expert
+        cnt, table = self.logcnt.to(flat.device), self.log2phy.to(flat.device)
+        return table[flat, nth % cnt[flat]].view_as(idx)
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
+                 experts: Experts) -> torch.Tensor:
+        slot = self.slots(idx)
+        self.slot_load += torch.bincount(slot.reshape(-1).cpu(), minlength=len(self.slot_load))
+        return dispatch_combine(x, slot, weights, self.physical.n_experts, self.physical)
+
+
+def install_plan(model: Transformer, plan: Plan) -> list[ReplicaDispatch]:
+    """Route the main model's MoE layers (row i of the plan: the i-th MoE layer) through their replicas. Each
+    layer's dispatch is replaced in one assignment, so a forward running meanwhile computes the same outputs."""
+    moes = [b.mlp for b in model.model.layers if isinstance(b.mlp, MoE)]
+    if plan.phy2log.shape[0] != len(moes):
+        raise ValueError(f"the plan has {plan.phy2log.shape[0]} layers; the model has {len(moes)} MoE layers")
+    out = []
+    for i, moe in enumerate(moes):
+        d = ReplicaDispatch(moe.experts, plan.phy2log[i], plan.log2phy[i], plan.logcnt[i])
+        moe.dispatch = d
+        out.append(d)
+    return out
+
+
+def remove_plan(model: Transformer) -> None:
+    """Back to the plain dispatch (every expert once)."""
+    for b in model.model.layers:
+        if isinstance(b.mlp, MoE) and isinstance(b.mlp.dispatch, ReplicaDispatch):
+            b.mlp.dispatch = dispatch_combine

@@ -18,7 +18,7 @@ def checkpoint(tmp_path_factory):
     texts = [p.read_text(errors="ignore") for p in stdlib_sources()[:40]]
     tok = train_tokenizer(texts, vocab_size=300, show_progress=False)
     torch.manual_seed(0)
-    model = nanoseek.load(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=256))
+    model = nanoseek.load(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=512))
     d = tmp_path_factory.mktemp("ckpt")
     nanoseek.save(model, d)
     tok.save(d / "tokenizer.json")
@@ -143,7 +143,7 @@ def test_chat_repl_ctrl_c_cancels_the_answer_and_goes_on(checkpoint, capsys, mon
 
 
 def test_every_special_token_spelled_in_chat_input_stays_text(checkpoint, capsys, monkeypatch, prompts_seen):
-    """Every special token of the tokenizer (bos, eos, pad, fim, think, answer, the turn markers) typed into the user
+    """Every special token of the tokenizer (bos, eos, pad, fim, think, answer, turn, tool) typed into the user
     text of `generate --chat --think` and of `chat` (and markers in the system prompt): the prompt's special ids
     are exactly the template's."""
     d, _, tok = checkpoint

@@ -70,3 +70,34 @@ def test_packing_equal_counts_and_errors():
         balanced_packing(w, 4)
     with pytest.raises(ValueError, match="split"):
         rebalance(EXAMPLE, 15, 4, 2, 8)
+
+
+def test_replicas_give_the_same_outputs_and_split_each_experts_tokens():
+    """A plan installed on a model: every (token, expert) pair goes to one of the expert's replicas, the replicas of
+    an expert receive its pairs in equal shares (within one), and the logits are the model's without replicas."""
+    from conftest import tiny_config
+
+    from nanoseek.model import Transformer
+    from nanoseek.parallel.eplb import install_plan, remove_plan
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).eval()
+    x = torch.randint(0, 97, (3, 40))
+    with torch.no_grad():
+        ref = model(x).logits
+    E, L = model.config.n_routed_experts, model.config.n_moe_layers
+    load = torch.tensor([[400, 20, 10, 5, 90, 3, 1, 1]] * L)  # skewed: expert 0 gets replicas
+    plan = rebalance(load, E + 4, num_groups=4, num_nodes=1, num_gpus=4)
+    assert (plan.logcnt[:, 0] > 1).all()
+    dispatches = install_plan(model, plan)
+    with torch.no_grad():
+        got = model(x).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
+    for d, cnt, table in zip(dispatches, plan.logcnt, plan.log2phy, strict=True):
+        assert int(d.slot_load.sum()) == x.numel() * model.config.num_experts_per_tok
+        for e in range(E):
+            shares = d.slot_load[table[e, : cnt[e]]]
+            assert int(shares.max() - shares.min()) <= 1, (e, shares)
+    remove_plan(model)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
