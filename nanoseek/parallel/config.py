@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ..config import POSITIVE, ConfigError, check_fields, override, param
 
 
 @dataclass
 class ParallelConfig:
-    """A mesh of dp x ep ranks (the world size) and the switches of `parallelize`.
+    """A mesh of pp x dp x ep ranks (the world size) and the switches of `parallelize`.
 
-    Every rank reads its own sequences (data parallel over all dp x ep ranks, as in V3, whose expert-parallel ranks
-    are also data-parallel ranks). Dense parameters are sharded (FSDP2) over all ranks; routed experts are split
-    over `ep` ranks along the expert dimension and sharded over `dp`."""
+    Every rank of a pipeline stage reads its own sequences (data parallel over the dp x ep ranks, as in V3, whose
+    expert-parallel ranks are also data-parallel ranks). Dense parameters are sharded (FSDP2) over the dp x ep ranks
+    of their stage; routed experts are split over `ep` ranks along the expert dimension and sharded over `dp`. With
+    pp > 1 the layers are cut into pipeline stages (nanoseek.parallel.pipeline) run by `pp_schedule`."""
 
+    pp: int = param(1, POSITIVE)
     dp: int = param(1, POSITIVE)
     ep: int = param(1, POSITIVE)
+    # the pipeline schedule (pp > 1): DualPipeV places the first and the last stage -- embedding, head and MTP -- on
+    # rank 0 (V3 §3.2.1); interleaved and DualPipeV run two stages per rank
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved", "dualpipev"] = "1f1b"
     # nodes the ep group spans (node-limited routing): expert groups are placed so that each lives on one node.
     # None: from torchrun (world size / ranks per node); set it to simulate nodes as rank groups on one machine
     nodes: int | None = param(None, POSITIVE)
@@ -36,12 +41,16 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.ep
+        return self.pp * self.dp * self.ep
+
+    def describe(self) -> str:
+        """'pp=2,dp=1,ep=2' (the mesh as written on the command line, pp only when used)."""
+        return (f"pp={self.pp}," if self.pp > 1 else "") + f"dp={self.dp},ep={self.ep}"
 
     @classmethod
     def parse(cls, spec: str) -> ParallelConfig:
-        """`"dp=2,ep=2"` (omitted dimensions are 1; also `nodes=`, `activation_checkpoint=`, `fp8_dispatch=`,
-        `reshard_after_forward=`, `timeout=`)."""
+        """`"dp=2,ep=2"`, `"pp=2,ep=2,pp_schedule=dualpipev"` (omitted dimensions are 1; also `nodes=`,
+        `activation_checkpoint=`, `fp8_dispatch=`, `reshard_after_forward=`, `timeout=`)."""
         items = [s for s in spec.replace(" ", "").split(",") if s]
         for item in items:
             if "=" not in item:

@@ -2,7 +2,9 @@
 
 `torchrun --nproc-per-node N -m nanoseek pretrain ... --parallel dp=2,ep=2` starts N processes with RANK / WORLD_SIZE /
 MASTER_ADDR in their environment; `init_distributed` joins them (gloo on CPU, nccl on CUDA), checks that the mesh
-covers the world and builds the DeviceMesh ("dp", "ep"). A single process given `--parallel` without torchrun runs
+covers the world and builds the DeviceMesh ("pp", "dp", "ep"): pipeline stages outermost, so that the dp x ep ranks
+of one stage are neighbours (on one node when they fit, as in V3, whose expert parallelism spans 8 nodes while the
+pipeline crosses them). A single process given `--parallel` without torchrun runs
 as a world of one (FSDP2 at world size 1) when the mesh has one rank, and is refused otherwise.
 """
 
@@ -30,8 +32,8 @@ class ParallelContext:
     """This process's place in a distributed run."""
 
     cfg: ParallelConfig
-    mesh: DeviceMesh  # 2-D ("dp", "ep")
-    dense_mesh: DeviceMesh  # 1-D over every rank ("dp" x "ep" flattened): dense parameters are sharded over it
+    mesh: DeviceMesh  # 3-D ("pp", "dp", "ep")
+    dense_mesh: DeviceMesh  # 1-D over the dp x ep ranks of this pipeline stage: dense parameters are sharded over it
     device: torch.device
     rank: int
     world_size: int
@@ -49,15 +51,33 @@ class ParallelContext:
     def ep_rank(self) -> int:
         return self.mesh.get_local_rank("ep")
 
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("pp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh.get_local_rank("pp")
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's index among the dp x ep ranks of its stage (which slice of each batch it reads)."""
+        return self.dense_mesh.get_local_rank()
+
+    @property
+    def data_world(self) -> int:
+        """The data-parallel ranks: dp x ep (each pipeline stage sees every sequence once)."""
+        return self.cfg.dp * self.cfg.ep
+
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """`t` reduced over every rank (in place, returned)."""
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
         return t
 
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Every rank's `t` (same shape on each) concatenated along dim 0, in rank order."""
-        out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t.contiguous())
+    def all_gather(self, t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """Every rank's `t` (same shape on each; of `group`, default all) concatenated along dim 0, in rank order."""
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, t.contiguous(), group=group)
         return torch.cat(out)
 
     def agree(self, flag: bool) -> bool:
@@ -93,14 +113,14 @@ def init_distributed(cfg: ParallelConfig, device: str = "auto") -> ParallelConte
     world = _launched_world()
     if world is None:
         if cfg.world_size != 1:
-            raise ConfigError(f"--parallel dp={cfg.dp},ep={cfg.ep} is a mesh of {cfg.world_size} ranks, but this is a "
+            raise ConfigError(f"--parallel {cfg.describe()} is a mesh of {cfg.world_size} ranks, but this is a "
                               f"single process: launch it with torchrun --nproc-per-node {cfg.world_size} -m nanoseek "
                               f"...")
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         world = 1
     if world != cfg.world_size:
-        raise ConfigError(f"--parallel dp={cfg.dp},ep={cfg.ep} is a mesh of dp x ep = {cfg.world_size} ranks, but "
+        raise ConfigError(f"--parallel {cfg.describe()} is a mesh of {cfg.world_size} ranks, but "
                           f"torchrun started {world} processes (WORLD_SIZE={world})")
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -118,7 +138,7 @@ def init_distributed(cfg: ParallelConfig, device: str = "auto") -> ParallelConte
             raise DistributedError(f"rank {rank}: no rendezvous with the other {world - 1} rank(s) at "
                                    f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
                                    f"{cfg.timeout:g} s ({_first_line(e)})") from None
-    mesh = init_device_mesh(dev.type, (cfg.dp, cfg.ep), mesh_dim_names=("dp", "ep"))
+    mesh = init_device_mesh(dev.type, (cfg.pp, cfg.dp, cfg.ep), mesh_dim_names=("pp", "dp", "ep"))
     dense = mesh["dp", "ep"]._flatten("dp_ep")
     nodes = cfg.nodes if cfg.nodes is not None else max(1, cfg.ep // local_world)
     if cfg.ep % nodes:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..config import ConfigError
 from ..io import (
@@ -156,10 +156,11 @@ def _finish(root: Path, tmp: Path, step: int, keep_last: int, extra_files: list[
 
 def save_sharded_checkpoint(
     root: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
-    keep_last: int = 2, extra_files: list[Path] | None = None,
+    keep_last: int = 2, extra_files: list[Path] | None = None, keys: set[str] | None = None,
 ) -> Path:
     """A sharded checkpoint of a parallelized model (every rank calls this): each rank writes its shards, rank 0
-    the rest, atomically as `save_training_checkpoint`."""
+    the rest, atomically as `save_training_checkpoint`. `keys`: the model state-dict names this rank holds (a
+    pipeline rank; default all)."""
     main = dist.get_rank() == 0
     tmp = root / f".step_{step:08d}.tmp"
     if main:
@@ -168,7 +169,7 @@ def save_sharded_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _state_dicts(model, optimizer, keys)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDED_DIR)
     if main:
         write_config(model.config, tmp)
@@ -181,11 +182,24 @@ def save_sharded_checkpoint(
     return root / f"step_{step:08d}"
 
 
+def _state_dicts(model: Transformer, optimizer: torch.optim.Optimizer, keys: set[str] | None, flat: bool = True,
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model and optimizer state dicts of this rank (the model's restricted to `keys`). `flat`: the optimizer's
+    hyper-parameters stored per parameter name, not per group, so that ranks whose groups hold different parameters
+    (pipeline stages) do not write the same group keys; checkpoints before it stored them per group index."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=flat))
+    if keys is not None:
+        model_sd = {k: v for k, v in model_sd.items() if k in keys}
+    return model_sd, optim_sd
+
+
 def load_latest_sharded(root: Path, model: Transformer, optimizer: torch.optim.Optimizer,
+                        keys: set[str] | None = None,
                         ) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
     """Load the newest valid sharded checkpoint under `root` into a parallelized model and its optimizer (every rank
-    calls this; DCP reshards to this run's mesh). Returns (path, trainer state, rng tensors); None when `root` holds
-    no checkpoint; RunDirError when it holds some but none is usable. Invalid newer ones are skipped with a warning."""
+    calls this; DCP reshards to this run's mesh; `keys`: the model state-dict names this rank holds). Returns (path,
+    trainer state, rng tensors); None when `root` holds no checkpoint; RunDirError when it holds some but none is
+    usable. Invalid newer ones are skipped with a warning."""
     found = list_checkpoints(root)
     skipped: list[str] = []
     for path in reversed(found):
@@ -198,10 +212,13 @@ def load_latest_sharded(root: Path, model: Transformer, optimizer: torch.optim.O
         except (CheckpointError, SafetensorError, OSError, json.JSONDecodeError) as e:
             skipped.append(f"{path.name}: {e}")
             continue
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        stored = dcp.FileSystemReader(path / SHARDED_DIR).read_metadata().state_dict_metadata
+        flat = not any(k.startswith("optim.param_groups.0.") for k in stored)
+        model_sd, optim_sd = _state_dicts(model, optimizer, keys, flat)
         sd = {"model": model_sd, "optim": optim_sd}
         dcp.load(sd, checkpoint_id=path / SHARDED_DIR)
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                       options=StateDictOptions(strict=keys is None, flatten_optimizer_state_dict=flat))
         _warn_skipped(skipped, path)
         return path, state, rng
     _no_usable(root, found, skipped)

@@ -138,6 +138,7 @@ class RunLoop:
         self._last_ckpt: Path | None = None
         self._stop = False
         self.sharded = parallel is not None  # a distributed run: checkpoints through torch.distributed.checkpoint
+        self.state_keys: set[str] | None = None  # a pipeline rank: the model state-dict names it holds
         # distributed runs: every rank acts on the same decisions (stop, out of time, evaluate, checkpoint) and follows
         # the same schedule progress (rank 0's)
         self._agree: Callable[[bool], bool] = parallel.agree if parallel is not None else (lambda flag: flag)
@@ -239,9 +240,12 @@ class RunLoop:
         budget = self._budget_state()
         if budget is not None:
             state = {**state, "budget": budget}
-        write = save_sharded_checkpoint if self.sharded else save_training_checkpoint
-        path = write(self.ckpt_root, self.step, model, optimizer, state, keep_last,  # type: ignore[arg-type]
-                     extra_files=extra_files)
+        if self.sharded:
+            path = save_sharded_checkpoint(self.ckpt_root, self.step, model, optimizer,  # type: ignore[arg-type]
+                                           state, keep_last, extra_files=extra_files, keys=self.state_keys)
+        else:
+            path = save_training_checkpoint(self.ckpt_root, self.step, model, optimizer,  # type: ignore[arg-type]
+                                            state, keep_last, extra_files=extra_files)
         self._saved_at, self._last_ckpt = self.step, path
         return path
 

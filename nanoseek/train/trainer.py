@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError
 from ..data import PackedBatches, TokenShard, heldout_batches
@@ -29,7 +30,8 @@ from ..io import build, read_config
 from ..io.paths import TOKENIZER_FILES
 from ..model import ModelConfig, Transformer, update_bias
 from ..model.moe import MoE
-from ..parallel import ParallelContext, expert_traffic, materialize, parallelize
+from ..parallel import ParallelContext, Traffic, clip_grad_norm, expert_traffic, materialize, parallelize
+from ..parallel.pipeline import Pipeline, microbatches
 from .checkpoint import load_latest, load_latest_sharded, load_model
 from .config import TrainConfig, write_resolved
 from .loop import RunLoop, TimeBudget
@@ -94,8 +96,10 @@ class Trainer(RunLoop):
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
         self._init_loop(self.out_dir, budget, progress, parallel, resume=resume)
         self.device = parallel.device if parallel is not None else pick_device(cfg.device)
-        if cfg.batch_size % self.world:
-            raise ConfigError(f"batch_size={cfg.batch_size} sequences do not split over {self.world} ranks")
+        # the ranks that read different sequences: dp x ep (the stages of a pipeline read the same ones)
+        self.data_world, self.data_rank = (parallel.data_world, parallel.data_rank) if parallel is not None else (1, 0)
+        if cfg.batch_size % self.data_world:
+            raise ConfigError(f"batch_size={cfg.batch_size} sequences do not split over {self.data_world} ranks")
         info = json.loads((self.data_dir / "data.json").read_text())
         self.tok_hash = info["tokenizer_hash"]
         vocab = info.get("vocab_size")
@@ -126,13 +130,20 @@ class Trainer(RunLoop):
         elif cfg.emulate_bf16:
             emulate_bf16_gemms(self.model)
         set_balance_loss_weight(self.model, cfg.aux_loss_alpha)
+        self.pipe: Pipeline | None = None
         if parallel is not None:
-            parallelize(self.model, parallel)
+            if parallel.cfg.pp > 1:  # this rank's pipeline stages, parallelized over their dp x ep ranks
+                self.pipe = Pipeline(self.model, parallel)
+                self.state_keys = self.pipe.state_keys()
+                for b in {cfg.batch_size, batch_at(cfg, 0)}:  # a batch the schedule cannot run: refused now
+                    self._microbatches(max(self.data_world, b // self.data_world * self.data_world))
+            else:
+                parallelize(self.model, parallel)
             if next(self.model.parameters()).device.type == "meta":
                 materialize(self.model, self.device, cfg.seed)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(self.pipe.parts if self.pipe is not None else self.model, cfg)
         if resume and parallel is not None:
-            got = load_latest_sharded(self.ckpt_root, self.model, self.optimizer)
+            got = load_latest_sharded(self.ckpt_root, self.model, self.optimizer, self.state_keys)
             if got is not None:
                 path, state, rng = got
                 self._check_config(path, read_config(path))
@@ -181,13 +192,19 @@ class Trainer(RunLoop):
         for x, y in self.heldout:
             weight = 1.0
             if self.par is not None:
-                x, y = x[self.par.rank::self.world], y[self.par.rank::self.world]
+                x, y = x[self.data_rank::self.data_world], y[self.data_rank::self.data_world]
                 if len(x) == 0:
                     x, y, weight = self.heldout[0][0][:1], self.heldout[0][1][:1], 0.0
-            out = self.model(x.to(self.device), labels=y.to(self.device), mtp=False, return_logits=False)
+            if self.pipe is not None:
+                main = self.pipe.main_loss(x, y)
+                if main is None:  # not the last stage: its ranks count the loss
+                    continue
+            else:
+                main = self.model(x.to(self.device), labels=y.to(self.device), mtp=False,
+                                  return_logits=False).main_loss.item()
             scored = int((y != -100).sum())  # SFT: the assistant tokens
             if scored:
-                total += out.main_loss.item() * scored * weight
+                total += main * scored * weight
                 n += scored * weight
         self.model.train()
         total, n = self._sum(total, n)
@@ -208,9 +225,9 @@ class Trainer(RunLoop):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         lam = mtp_lambda_at(cfg, step, p)
-        W = self.world
+        W = self.data_world
         n_seq = max(W, batch_at(cfg, step, p) // W * W)  # the ramp's batch rounded to whole sequences per rank
-        part = (self.rank, W)
+        part = (self.data_rank, W)
         if self.par is not None:
             expert_traffic(model)  # reset: count this step's dispatches only
         depth = len(model.mtp)
@@ -218,6 +235,12 @@ class Trainer(RunLoop):
         loads = []
         done = 0
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        if self.pipe is not None:  # this rank's share of the batch through the pipeline, in equal micro-batches
+            x, y = self.loader.next_batch(n_seq, part)
+            with autocast:
+                got = self.pipe.step(x.to(self.device), y.to(self.device), self._microbatches(n_seq), lam)
+            sums.update(main_loss=got.main_loss, mtp_loss=got.mtp_loss, balance_loss=got.balance_loss)
+            done = n_seq
         while done < n_seq:
             mb = min(cfg.micro_batch_size * W, n_seq - done)  # sequences in this micro-batch over all ranks
             x, y = self.loader.next_batch(mb, part)
@@ -235,8 +258,13 @@ class Trainer(RunLoop):
             if out.expert_load is not None:
                 loads.append(out.expert_load)
             done += mb
-        sums = {k: v / W for k, v in zip(sums, self._sum(*sums.values()), strict=True)}  # the ranks' mean
-        grad_norm = self._clip_grads(model, cfg.grad_clip)
+        sums = {k: v / W for k, v in zip(sums, self._sum(*sums.values()), strict=True)}  # the data ranks' mean
+        if self.pipe is not None:  # the stages' parts, summed over the pipeline above: the whole loss
+            sums["loss"] = sums["main_loss"] + (lam or 0.0) * sums["mtp_loss"] * (depth > 0) + sums["balance_loss"]
+            grad_norm = clip_grad_norm(model, cfg.grad_clip, self.par,  # type: ignore[arg-type]
+                                       self.pipe.parameters(), self.pipe.shared_parameters())
+        else:
+            grad_norm = self._clip_grads(model, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         rec: dict[str, Any] = {"kind": "train", "step": step + 1, "lr": lr, "grad_norm": grad_norm,
@@ -246,16 +274,20 @@ class Trainer(RunLoop):
         if p is not None:
             rec["progress"] = round(p, 5)
         traffic = expert_traffic(model) if self.par is not None else None
-        if traffic is not None and self.par is not None:
-            t = traffic.to_dict()
+        if self.par is not None and self.par.cfg.ep > 1:  # (a pipeline rank without MoE layers sends nothing)
+            t = (traffic or Traffic()).to_dict()
             summed = self._sum(t["dispatch_bytes"] + t["combine_bytes"], t["cross_node_bytes"], t["token_nodes"])
             rec["ep_bytes"], rec["ep_cross_node_bytes"], rec["ep_token_nodes"] = (int(v) for v in summed)
             rec["ep_max_nodes_per_token"] = int(self.par.all_reduce(
                 torch.tensor([t["max_nodes_per_token"]], device=self.device), "max").item())
-        if loads:
+        load = None
+        if self.pipe is not None:
+            load = self._pipeline_load(got.loads, n_seq // W)
+        elif loads:
             load = torch.cat(loads, dim=1)  # [layers, sequences, E]
             if self.par is not None:  # every rank's sequences: the biases move identically everywhere
                 load = self.par.all_gather(load.transpose(0, 1).contiguous()).transpose(0, 1)
+        if load is not None:
             gamma = bias_speed_at(cfg, step, p)
             for gate, layer_load in zip(model.moe_gates(), load, strict=True):
                 update_bias(gate, layer_load, gamma)
@@ -268,6 +300,27 @@ class Trainer(RunLoop):
             rec["maxvio_batch"] = rec["maxvio_seq"] = 0.0
         self.step += 1
         return rec
+
+    def _microbatches(self, n_seq: int) -> int:
+        """Pipeline micro-batches for a batch of n_seq sequences (nanoseek.parallel.pipeline.microbatches)."""
+        assert self.par is not None
+        pc = self.par.cfg
+        return microbatches(n_seq // self.data_world, self.cfg.micro_batch_size, pc.pp, pc.pp_schedule)
+
+    def _pipeline_load(self, held: dict[int, torch.Tensor], n_local: int) -> torch.Tensor | None:
+        """Every MoE layer's loads [layers, the step's sequences, E] on every rank, from the layers each pipeline
+        rank held (the stage's data ranks' sequences gathered, then the stages' layers summed: each is one's)."""
+        assert self.par is not None
+        n_gates = len(self.model.moe_gates())
+        if not n_gates:
+            return None
+        local = torch.zeros(n_gates, n_local, self.model_cfg.n_routed_experts, device=self.device)
+        for i, t in held.items():
+            local[i] = t
+        load = self.par.all_gather(local.transpose(0, 1).contiguous(), self.par.dense_mesh.get_group())
+        load = load.transpose(0, 1).contiguous()
+        dist.all_reduce(load, group=self.par.pp_group)
+        return load
 
     # ---------------------------------------------------------------------------------------- the loop
     def save(self) -> Path:

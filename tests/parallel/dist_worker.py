@@ -11,6 +11,7 @@ train MESH DATA RUN STEPS [MAX]   the Trainer (API) on DATA for STEPS steps (sto
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -41,13 +42,17 @@ def model_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def train_configs(steps: int) -> tuple[ModelConfig, TrainConfig]:
-    """The model and recipe of the distributed training tests (tests/parallel/test_parallel.py uses the same)."""
-    m = preset("tiny", vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-               num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1)
-    t = TrainConfig(steps=steps, batch_size=4, micro_batch_size=1, seq_len=32, eval_every=5, eval_batches=2,
-                    ckpt_every=3, keep_last=5, warmup_frac=0.2, batch_ramp_frac=0.0, bias_update_speed=0.01)
-    return m, t
+def train_configs(steps: int, **changes) -> tuple[ModelConfig, TrainConfig]:
+    """The model and recipe of the distributed training tests (tests/parallel/test_parallel.py uses the same);
+    `changes`: fields of either."""
+    mk = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+              n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1)
+    tk = dict(steps=steps, batch_size=4, micro_batch_size=1, seq_len=32, eval_every=5, eval_batches=2, ckpt_every=3,
+              keep_last=5, warmup_frac=0.2, batch_ramp_frac=0.0, bias_update_speed=0.01)
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for k, v in changes.items():
+        (mk if k in model_fields else tk)[k] = v
+    return preset("tiny", **mk), TrainConfig(**tk)
 
 
 def scenario_step(out: Path, meshes: list[str]) -> None:

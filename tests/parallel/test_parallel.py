@@ -21,10 +21,13 @@ from dist_worker import train_configs
 
 import nanoseek
 from nanoseek.cli import main
+from nanoseek.config import ConfigError
 from nanoseek.data import prepare_corpus
 from nanoseek.io import CheckpointError, load_checkpoint
+from nanoseek.parallel import ParallelConfig
+from nanoseek.parallel.pipeline import check_stages, microbatches
 from nanoseek.train import Trainer
-from nanoseek.train.checkpoint import list_checkpoints
+from nanoseek.train.checkpoint import list_checkpoints, load_model
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -99,16 +102,16 @@ def data_dir(tmp_path_factory):
     return d
 
 
-def _sets(steps: int) -> list[str]:
-    m, t = train_configs(steps)
+def _sets(steps: int, **changes) -> list[str]:
+    m, t = train_configs(steps, **changes)
     model_keys = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                   "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group")
     train_keys = ("batch_size", "micro_batch_size", "seq_len", "eval_every", "eval_batches", "ckpt_every",
                   "keep_last", "warmup_frac", "batch_ramp_frac", "bias_update_speed")
     out = []
-    for k in model_keys:
+    for k in (*model_keys, *(k for k in changes if hasattr(m, k) and k not in model_keys)):
         out += ["--set", f"{k}={getattr(m, k)}"]
-    for k in train_keys:
+    for k in (*train_keys, *(k for k in changes if hasattr(t, k) and k not in train_keys)):
         out += ["--set", f"{k}={getattr(t, k)}"]
     return out + ["--steps", str(steps)]
 
@@ -319,6 +322,51 @@ def test_pipeline_schedules_match_one_process(tmp_path, world, schedules):
         r = res[s]
         assert r["loss_rel"] < 1e-6 and r["worst_grad_rel"] < 1e-5 and r["load_diff"] == 0, (s, r)
         assert r["ranks_with_loss"] == 1
+
+
+def test_pipelined_training_matches_one_process_and_resumes_on_another_mesh(data_dir, tmp_path):
+    """`pretrain --parallel pp=2,ep=2,pp_schedule=dualpipev` (4 ranks: embedding, head and MTP on pipeline rank 0,
+    experts split over 2 ranks in each stage) logs the single process's losses, held-out loss and ends with its
+    weights; its step-2 checkpoint (each pipeline rank wrote only its stages) resumes under pp=2 with 1F1B (the MTP
+    module's embedding then a second copy on the last rank) and again ends where the single process does."""
+    changes = dict(num_hidden_layers=4, batch_size=8, ckpt_every=2, lr=3e-4)  # (a small lr: see the GRPO test)
+    m, t = train_configs(4, **changes)
+    Trainer(m, t, data_dir, tmp_path / "one", progress=False).run()
+    a = tmp_path / "pp"
+    torchrun(4, "-m", "nanoseek", "pretrain", "--data", str(data_dir), "--out", str(a), *_sets(4, **changes),
+             "--parallel", "pp=2,ep=2,pp_schedule=dualpipev")
+    b = tmp_path / "resumed"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step_00000004")
+    torchrun(2, "-m", "nanoseek", "pretrain", "--data", str(data_dir), "--out", str(b), *_sets(4, **changes),
+             "--parallel", "pp=2,pp_schedule=1f1b", "--resume")
+    one, held_one = records(tmp_path / "one"), records(tmp_path / "one", "eval")[-1]["heldout_loss"]
+    for run in (a, b):
+        got = records(run)
+        assert [r["step"] for r in got] == [1, 2, 3, 4]
+        for x, y in zip(one, got, strict=True):
+            for k in ("loss", "main_loss", "mtp_loss", "balance_loss", "grad_norm"):
+                assert rel(y[k], x[k]) < 1e-5, (run.name, x["step"], k, y[k], x[k])
+            assert y["maxvio_batch"] == x["maxvio_batch"] and y["expert_load"] == x["expert_load"]
+        assert rel(records(run, "eval")[-1]["heldout_loss"], held_one) < 1e-5
+        ref = load_model(list_checkpoints(tmp_path / "one" / "checkpoints")[-1]).state_dict()
+        mine = load_model(list_checkpoints(run / "checkpoints")[-1]).state_dict()
+        assert mine.keys() == ref.keys()
+        for k in ref:
+            assert (mine[k] - ref[k]).norm() <= 1e-5 * ref[k].norm() + 1e-12, (run.name, k)
+    assert records(a)[0]["ep_bytes"] > 0
+    assert len(list((list_checkpoints(a / "checkpoints")[-1] / "dcp").glob("*.distcp"))) == 4
+
+
+def test_pipeline_mesh_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"pp=2,pp_schedule=dualpipev needs 4 stages .* 2 layers"):
+        check_stages(2, 2, "dualpipev")
+    check_stages(2, 2, "1f1b")
+    with pytest.raises(ConfigError, match=r"at least 4 micro-batches .* micro_batch_size=2 make 2"):
+        microbatches(4, 2, 2, "interleaved")
+    assert microbatches(6, 4, 2, "1f1b") == 3  # equal micro-batches of 2 (the largest size <= 4 dividing 6)
+    with pytest.raises(ConfigError, match="pp_schedule"):
+        ParallelConfig.parse("pp=2,pp_schedule=zb")
 
 
 # ---- failures ------------------------------------------------------------------------------------------------
