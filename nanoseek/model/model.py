@@ -177,7 +177,7 @@ class Transformer(nn.Module):
         pos = self.positions(input_ids.shape[1], positions, cache, input_ids.device)
         h = self.embed(input_ids)
         h, stats = self.layers_forward(h, pos, cache, absorb=absorb)
-        return self.output(h, pos, labels, stats, absorb=absorb, mtp=mtp, return_logits=return_logits,
+        return self.output(h, pos, labels, stats, inputs=input_ids, absorb=absorb, mtp=mtp, return_logits=return_logits,
                            mtp_loss_weight=mtp_loss_weight)
 
     # ---- the three stages of the forward (a pipeline splits the model between them, see `stages`) -----------
@@ -228,11 +228,13 @@ class Transformer(nn.Module):
 
     def output(
         self, h: torch.Tensor, pos: Positions, labels: torch.Tensor | None = None, stats: list[MoEStats] | None = None,
-        *, absorb: bool = False, mtp: bool | None = None, return_logits: bool = True,
-        mtp_loss_weight: float | None = None,
+        *, inputs: torch.Tensor | None = None, absorb: bool = False, mtp: bool | None = None,
+        return_logits: bool = True, mtp_loss_weight: float | None = None,
     ) -> ModelOutput:
         """The output stage: final norm and head, the MTP modules (sharing the embedding and the head) and the
-        losses; `stats` are the MoE statistics of the blocks before it."""
+        losses; `stats` are the MoE statistics of the blocks before it. MTP module k embeds the true token t_{i+k}:
+        inputs[:, i+k] (the input ids), or without them labels[:, i+k-1] -- where a label is masked (-100, e.g. an
+        SFT prompt token) that embeds token 0 instead of the token that was there."""
         cfg = self.config
         stats = list(stats or [])
         S = h.shape[1]
@@ -250,7 +252,8 @@ class Transformer(nn.Module):
                 n = S - k
                 if n <= 0:
                     break
-                nxt = labels[:, k - 1 : k - 1 + n].clamp_min(0)  # ignored (-100) targets embed as token 0
+                nxt = (inputs[:, k : k + n] if inputs is not None
+                       else labels[:, k - 1 : k - 1 + n].clamp_min(0))  # ignored (-100) targets embed as token 0
                 h_prev, st = self.mtp_forward(k, h_prev[:, :n], nxt, pos.first(n), absorb=absorb)
                 if st is not None:
                     stats.append(st)

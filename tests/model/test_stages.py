@@ -33,7 +33,7 @@ def test_stages_in_sequence_equal_the_whole_model(bounds):
     x, stats = ids, []
     for st in stages[:-1]:
         x, stats = st(x, stats)
-    out = stages[-1](x, stats, labels=labels, return_logits=False)
+    out = stages[-1](x, stats, labels=labels, inputs=ids, return_logits=False)
     out.loss.backward()
     got = _grads(model)
 
@@ -74,6 +74,6 @@ def test_mtp_forward_is_the_training_chain():
     h = out.hidden
     for k in (1, 2):
         n = 10 - k
-        h, _ = model.mtp_forward(k, h[:, :n], labels[:, k - 1 : k - 1 + n])
+        h, _ = model.mtp_forward(k, h[:, :n], ids[:, k : k + n])  # the true next tokens
         assert torch.allclose(model.logits(h, k), out.mtp_logits[k - 1], atol=1e-6, rtol=0)
     assert torch.allclose(model.logits(out.hidden), out.logits, atol=1e-6, rtol=0)
