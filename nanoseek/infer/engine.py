@@ -12,6 +12,8 @@ chunk for the requests still reading their prompt and one decode forward for all
 Log-probabilities (`SamplingParams.logprobs` for the generated tokens, `prompt_logprobs` for the prompt's, read
 during prefill; `max_new_tokens=0` with prompt_logprobs scores a prompt without generating) are those of the raw
 model distribution, log_softmax of the logits before temperature, top-k and top-p, as vLLM reports by default.
+`SamplingParams.routed_experts` records the experts each MoE layer ran every token through (`Request.routing()`),
+which RL replays in its training forward (nanoseek.rl.grpo, rollout routing replay).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from ..model import Transformer
+from ..model.moe import routing_hooks
 from .cache import CacheBatch, KVCache
 from .sampling import (  # noqa: F401 (sample_token, TokenLogprob: re-exported)
     Detokenizer,
@@ -71,6 +75,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    routed_experts: bool = False  # record the experts every MoE layer ran each prompt / output token through
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
@@ -116,10 +121,19 @@ class Request:
     cancelled: bool = False  # set from any thread; the engine frees the slot at its next step
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    routed_experts: list[torch.Tensor] = field(default_factory=list)  # params.routed_experts: see routing()
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def routing(self) -> torch.Tensor:
+        """With params.routed_experts: the experts [n, n_moe_layers, K] (int16) each main-model MoE layer routed the
+        tokens the model read to, in position order: the prompt, then every output token but the last (which is
+        sampled, never read). Rollout routing replay runs the trainer's forward with these."""
+        if not self.params.routed_experts:
+            raise ValueError("routing needs SamplingParams(routed_experts=True)")
+        return torch.cat(self.routed_experts) if self.routed_experts else torch.zeros(0, 0, 0, dtype=torch.int16)
 
     def stable_text(self, holdback: Sequence[str] = ()) -> str:
         """The part of `text` that can be streamed now: without an incomplete UTF-8 tail and, while running,
@@ -407,10 +421,12 @@ class Engine:
         h = self.model(ids, pos, batch, return_logits=False).hidden
         return h, self._logits(h)
 
-    def _decode_forward(self, rows: list[int], inputs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states [b, S, H] and logits [b, S, V] of a decode step (S = 1, or 2 with a draft)."""
+    def _decode_forward(self, rows: list[int], inputs: list[list[int]], eager: bool = False,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [b, S, H] and logits [b, S, V] of a decode step (S = 1, or 2 with a draft); `eager`: not
+        the compiled forward (routing is being recorded)."""
         S = max(len(t) for t in inputs)
-        if self._compiled is None or S > 2:
+        if self._compiled is None or S > 2 or eager:
             h = self._main(rows, inputs)
             return h, self._logits(h[:, :S])
         ids = torch.zeros(self.max_batch, S, dtype=torch.long)
@@ -440,13 +456,38 @@ class Engine:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.logits(h).float()
 
+    @contextmanager
+    def _routing(self, slots: list[_Slot]) -> Iterator[Callable[[int, int], torch.Tensor] | None]:
+        """Around one main-model forward over `slots`' rows: when a request asked for its routing
+        (params.routed_experts), yields `take(r, n)`, the experts [n, n_moe_layers, K] that row r's first n tokens
+        were routed to (read after the forward); else None."""
+        gates = self.model.moe_gates()[: self.cfg.n_moe_layers]
+        if not gates or not any(s.req.params.routed_experts for s in slots):
+            yield None
+            return
+        with routing_hooks(gates, record=True) as logs:
+
+            got: list[torch.Tensor] = []
+
+            def take(r: int, n: int) -> torch.Tensor:
+                if not got:  # [b, S, layers, K], one host transfer per forward
+                    got.append(torch.stack([log[0] for log in logs], dim=1).view(len(slots), -1, len(logs),
+                                                                                 logs[0][0].shape[-1])
+                               .to(torch.int16).cpu())
+                return got[0][r, :n].clone()
+
+            yield take
+
     def _prefill(self, rows: list[int]) -> None:
         slots: list[_Slot] = [self.slots[i] for i in rows]  # type: ignore[misc]
         inputs = [s.tokens[s.length : min(s.length + self.prefill_chunk, len(s.req.prompt_ids))] for s in slots]
-        h = self._main(rows, inputs)
+        with self._routing(slots) as take:
+            h = self._main(rows, inputs)
         self.stats.prefill_tokens += sum(len(t) for t in inputs)
         done = []
         for r, (s, t) in enumerate(zip(slots, inputs, strict=True)):
+            if take is not None and s.req.params.routed_experts:
+                s.req.routed_experts.append(take(r, len(t)))
             if s.req.params.prompt_logprobs is not None:
                 self._prompt_logprobs(s, h[r, : len(t)])
             s.length += len(t)
@@ -498,7 +539,8 @@ class Engine:
         slots: list[_Slot] = [self.slots[i] for i in rows]  # type: ignore[misc]
         drafts = self._draft(rows) if self.speculative else [None] * len(rows)
         inputs = [[s.tokens[s.length]] + ([d] if d is not None else []) for s, d in zip(slots, drafts, strict=True)]
-        h, logits = self._decode_forward(rows, inputs)
+        with self._routing(slots) as take:
+            h, logits = self._decode_forward(rows, inputs, eager=take is not None)
         self.stats.decode_forwards += 1
         first = self._sample(slots, logits[:, 0])
         first_lp = self._token_logprobs(slots, logits[:, 0], first)
@@ -523,6 +565,8 @@ class Engine:
                     lps.append(second_lp[r])
                     n_in = 2
             s.length += n_in
+            if take is not None and s.req.params.routed_experts:
+                s.req.routed_experts.append(take(r, n_in))
             if self.speculative:
                 s.pending_h.append(h[r, :n_in])
             self._accept(s, new, lps)

@@ -5,7 +5,8 @@ y = sum_{i in TopK} g_i * Expert_i(x) + Shared(x)          (V3 §2.1.2, DeepSeek
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Self
 
@@ -56,6 +57,9 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        # ---- rollout routing replay (RL; nanoseek.rl.grpo, nanoseek.infer.engine): see `forward`
+        self.replay: torch.Tensor | None = None
+        self.record: list[torch.Tensor] | None = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
@@ -74,17 +78,32 @@ class Gate(nn.Module):
             group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
         idx = choice.topk(self.top_k, dim=-1).indices
+        return self.weights_at(scores, idx), idx
+
+    def weights_at(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Gate weights [T,K] fp32 of the experts `idx` [T,K] from affinities [T,E]."""
         w = scores.gather(1, idx)
         # V3's sigmoid gate normalises the chosen affinities for any K (V3 §2.1.2, g_i = g'_i / sum_j g'_j; so do
         # DeepSeek's inference code and transformers' DeepseekV3), making a top-1 weight exactly `scale`; V2's
         # softmax gate normalises only for K > 1 (its reference code's guard).
         if self.norm_topk_prob and (self.top_k > 1 or self.score_func == "sigmoid"):
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return w * self.scale, idx
+        return w * self.scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = self.scores(x)
         w, idx = self.route(s)
+        # ---- rollout routing replay: `replay` [T,K] (set by `routing_hooks`) forces these experts on the next
+        # forwards (rows of -1 keep the router's own choice); the weights are the current affinities at them, so
+        # the router still gets gradients. `record` collects the experts each forward used.
+        if self.replay is not None:
+            if self.replay.shape != idx.shape:
+                raise ValueError(f"routing replay holds {tuple(self.replay.shape)} expert indices for "
+                                 f"{tuple(idx.shape)} routed tokens")
+            idx = torch.where((self.replay < 0).any(-1, keepdim=True), idx, self.replay)
+            w = self.weights_at(s, idx)
+        if self.record is not None:
+            self.record.append(idx.detach())
         return w, idx, s
 
 
@@ -301,6 +320,25 @@ class MoE(nn.Module):
             f = f * (E / (self.top_k * S))
         p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)
         return self.alpha * (f * p).sum(dim=-1).mean()
+
+
+@contextmanager
+def routing_hooks(gates: Sequence[Gate], replay: Sequence[torch.Tensor | None] | None = None, record: bool = False,
+                  ) -> Iterator[list[list[torch.Tensor]]]:
+    """Within the block, gate g uses the experts replay[g] ([T,K] per forward; None or rows of -1: its own choice)
+    and, with `record`, appends the experts [T,K] each forward used to the g-th list it yields. Rollouts record,
+    training forwards replay (rollout routing replay: the trainer runs the experts that generated the tokens)."""
+    replay = list(replay) if replay is not None else [None] * len(gates)
+    if len(replay) != len(gates):
+        raise ValueError(f"routing replay for {len(replay)} MoE layers, the model routes in {len(gates)}")
+    logs: list[list[torch.Tensor]] = [[] for _ in gates]
+    for g, r, log in zip(gates, replay, logs, strict=True):
+        g.replay, g.record = r, (log if record else None)
+    try:
+        yield logs
+    finally:
+        for g in gates:
+            g.replay = g.record = None
 
 
 @torch.no_grad()

@@ -34,6 +34,14 @@ class GRPOConfig:
     top_p: float | None = param(None, Range(0, 1, lo_open=True))
     max_new_tokens: int = param(48, POSITIVE)
     micro_batch: int = param(32, POSITIVE)  # sequences per forward/backward
+    # pi_old of the importance ratio: "trainer" = the first optimisation pass's own log-probs (detached; no extra
+    # forward, ratio exactly 1 in that pass); "rollout" = the engine's sampling log-probs (no extra forward; the
+    # ratio then corrects for what the sampler computed differently); "recompute" = a separate no-grad forward
+    routing_replay: bool = False  # run the training forwards with the experts the rollout routed each token to
+    old_logprobs: Literal["trainer", "rollout", "recompute"] = "trainer"
+    # MTP distillation weight (the module learns the main head's next-next token distribution on the completions,
+    # only the MTP module is trained by it); None: 0.3 in one process, 0 (not yet supported) under --parallel
+    mtp_lambda: float | None = param(None, NON_NEGATIVE)
     ref_refresh_every: int = param(400, POSITIVE)
     eval_every: int = param(10, POSITIVE)
     eval_n: int = param(200, POSITIVE)

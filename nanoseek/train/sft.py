@@ -1,8 +1,10 @@
 """Supervised fine-tuning data: chat JSONL -> packed token shards plus a loss mask (assistant tokens only).
 
 Input: JSONL files, one example per line: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-(extra fields, e.g. provenance, are ignored). Each example is rendered with the DeepSeek-V3 chat template
-(reasoning `<think>` sections kept: they are what R1-style SFT teaches) and the examples are concatenated, like
+(extra fields, e.g. provenance, are ignored). Tool use: assistant messages with OpenAI `tool_calls`, `tool` messages,
+and the example's `tools` (OpenAI function definitions, shown in its system prompt) as `nanoseek serve` renders
+them; the calls are trained on, the tool outputs are context. Each example is rendered with the DeepSeek-V3 chat
+template (reasoning `<think>` sections kept: they are what R1-style SFT teaches) and the examples are concatenated, like
 pre-training documents. The mask marks the assistant content and the end-of-sentence token closing each assistant
 turn; everything else (system and user text, template markers) is context only.
 
@@ -33,8 +35,9 @@ class SFTDataError(ValueError):
     pass
 
 
-def read_chat_jsonl(path: str | Path) -> list[list[dict[str, Any]]]:
-    """The `messages` of every line; SFTDataError naming file and line for bad JSON or a bad message list."""
+def read_chat_jsonl(path: str | Path) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]]:
+    """The (`messages`, `tools`) of every line; SFTDataError naming file and line for bad JSON or a bad message
+    list."""
     out = []
     try:
         for n, row in iter_jsonl(path):
@@ -42,7 +45,7 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, Any]]]:
             if not isinstance(msgs, list) or not any(
                     isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
                 raise SFTDataError(f"{path}:{n}: needs a 'messages' list with at least one assistant turn")
-            out.append(msgs)
+            out.append((msgs, row.get("tools")))
     except SFTDataError:
         raise
     except ValueError as e:  # a line that is not JSON
@@ -62,10 +65,10 @@ def prepare_sft(paths: list[str | Path], tokenizer: Tokenizer, out_dir: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     split: dict[str, tuple[list[list[int]], list[list[int]]]] = {"train": ([], []), "val": ([], [])}
     for p in paths:
-        for i, msgs in enumerate(read_chat_jsonl(p)):
+        for i, (msgs, tools) in enumerate(read_chat_jsonl(p)):
             try:
                 ids, mask = encode_chat(msgs, tokenizer, add_generation_prompt=False, keep_think=True,
-                                        return_mask=True)
+                                        return_mask=True, tools=tools)
             except ValueError as e:
                 raise SFTDataError(f"{p}: example {i + 1}: {e}") from None
             part = "val" if _heldout(msgs, heldout_frac, seed) else "train"
