@@ -10,7 +10,7 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-.PHONY: demo test lint bench balancing install test-lmeval test-browser test-llama
+.PHONY: demo test lint bench balancing install test-lmeval test-browser test-llama test-slow
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check nanoseek tests benchmarks
 	$(PY) -m pytest -q
+
+# The long tests left out of `make test` to keep it under 15 minutes on 2 cores (marker `slow`).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(PY) -m ruff check nanoseek tests benchmarks

@@ -152,6 +152,7 @@ def test_training_tracks_single_process(single_run, cli_run):
     assert sorted(p.name for p in (last / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
+@pytest.mark.slow  # out of the default suite's 15 minutes (make test-slow runs it)
 def test_fp8_training_under_fsdp2(data_dir, tmp_path):
     """`--fp8` (V3's recipe: FP8 GEMMs, BF16 moments) under FSDP2 follows the single-process FP8 run."""
     steps = 4
@@ -233,6 +234,7 @@ def test_sigterm_checkpoints_from_every_rank(data_dir, tmp_path):
     assert sorted(p.name for p in (ckpt / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
+@pytest.mark.slow  # out of the default suite's 15 minutes (make test-slow); the pipelined test reshards too
 def test_sharded_checkpoints_resume_reshard_and_export(data_dir, tmp_path):
     steps, spec = 6, "dp=2,ep=2"
     a, b = tmp_path / "a", tmp_path / "b"
