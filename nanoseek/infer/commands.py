@@ -40,7 +40,8 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Transformer, Tokenizer
 
 def build_engine(model: Transformer, tok: Tokenizer, args: argparse.Namespace) -> Engine:
     return Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, cache=args.cache,
-                  prefill_chunk=args.prefill_chunk, speculative=args.speculative, compile=args.compile)
+                  prefill_chunk=args.prefill_chunk, speculative=args.speculative, compile=args.compile,
+                  prefix_cache=getattr(args, "prefix_cache", False))
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -253,6 +254,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-chars", type=int,
                    help="longer prompts get 400 before tokenising (default 64 per token of the context)")
     p.add_argument("--model-name", help="the model id clients use (default: the checkpoint dir name)")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="reuse the keys of a shared prompt prefix (system prompt, few-shot examples) held by a slot")
     p.add_argument("--eplb", metavar="SPEC", help="redundant experts re-planned from the served load, e.g. "
                    "gpus=8,redundant=8,interval=30 (nanoseek.infer.eplb.EPLBConfig); GET /eplb shows the plan")
     p.set_defaults(func=cmd_serve)

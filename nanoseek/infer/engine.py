@@ -187,6 +187,7 @@ class EngineStats:
     generated_tokens: int = 0
     drafted: int = 0
     accepted: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens whose keys came from the prefix cache (not computed)
 
     @property
     def acceptance_rate(self) -> float:
@@ -202,6 +203,7 @@ class Engine:
     def __init__(
         self, model: Transformer, tokenizer: object | None = None, max_batch: int = 8, max_len: int | None = None,
         cache: str = "latent", prefill_chunk: int = 512, speculative: bool = False, compile: bool = False,
+        prefix_cache: bool = False,
     ) -> None:
         if cache not in ("latent", "naive"):
             raise ValueError(f"cache must be 'latent' or 'naive', got {cache!r}")
@@ -222,6 +224,10 @@ class Engine:
         eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else cfg.eos_token_id
         self.eos_ids: set[int] = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
         self.slots: list[_Slot | None] = [None] * max_batch
+        # prefix caching: a new request starts from the longest prefix of its prompt whose keys a slot holds (an
+        # active one's tokens so far, or what a finished request left in a free one), reused in place or copied
+        self.prefix_cache = prefix_cache
+        self._resident: list[list[int]] = [[] for _ in range(max_batch)]  # a free slot's tokens with valid keys
         self.waiting: deque[Request] = deque()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -309,6 +315,7 @@ class Engine:
             return torch.cat(out)
         finally:
             self.slots[i] = None
+            self._resident[i] = []
 
     # ---- one scheduling step --------------------------------------------------------------------
     @torch.inference_mode()
@@ -342,6 +349,7 @@ class Engine:
             self.waiting.clear()
         reqs += [s.req for s in self.slots if s is not None]
         self.slots = [None] * self.max_batch
+        self._resident = [[] for _ in range(self.max_batch)]
         for r in reqs:
             r.finish_reason = r.finish_reason or reason
         return reqs
@@ -356,7 +364,8 @@ class Engine:
                 while self.slots[i] is None and self.waiting:
                     req = self.waiting.popleft()
                     try:
-                        self.slots[i] = self._new_slot(req)
+                        slot = self._new_slot(req)
+                        self.slots[self._place(slot, i)] = slot
                     except Exception:  # e.g. a seed torch refuses: this request fails, the others are admitted
                         log.exception("request %d could not be admitted", req.id)
                         req.finish_reason = "error"
@@ -370,6 +379,44 @@ class Engine:
         detok = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         return _Slot(req, list(req.prompt_ids), generator=g, detok=detok)
 
+    def _place(self, s: _Slot, free: int) -> int:
+        """The slot for `s`: `free`, or with prefix caching one already holding the longest prefix of its prompt;
+        s then starts after that prefix, keeping at least the prompt's last token to read. The prefix is copied
+        when an active slot holds it, or a free slot that holds more than it (kept for later requests: the copy
+        goes to the free slot holding the least); else that free slot is reused in place. Not for requests that
+        need every prompt position computed (prompt log-probs, recorded routing) nor with speculative decoding
+        (the MTP module's cache would need its own prefix)."""
+        p = s.req.params
+        if not self.prefix_cache or self.speculative or p.prompt_logprobs is not None or p.routed_experts:
+            return free
+        prompt = s.req.prompt_ids
+        best, best_n = free, 0
+        for j, other in enumerate(self.slots):
+            held = self._resident[j] if other is None else other.tokens[: other.length]
+            n = 0
+            for a, b in zip(prompt[: len(prompt) - 1], held, strict=False):  # (its last token is read anyway)
+                if a != b:
+                    break
+                n += 1
+            if n > best_n or (n == best_n and n and other is None and self.slots[best] is not None):
+                best, best_n = j, n
+        if best_n == 0:
+            return free
+        if self.slots[best] is None and len(self._resident[best]) > best_n:  # a free slot holding more: keep it
+            others = [j for j, o in enumerate(self.slots) if o is None and j != best]
+            if others:  # (and write into the free slot holding the least)
+                free = min(others, key=lambda j: len(self._resident[j]))
+            else:
+                free = best
+        if best != free:  # copy the prefix's keys into the slot the request gets
+            for bufs in self.cache.buffers:
+                for t in bufs:
+                    t[free, :best_n] = t[best, :best_n]
+            best = free
+        s.length = best_n
+        self.stats.prefix_hit_tokens += best_n
+        return best
+
     def _release(self, changed: set[int]) -> None:
         for i in sorted(changed):
             s = self.slots[i]
@@ -377,6 +424,7 @@ class Engine:
                 continue
             if s.req.finished:
                 self.slots[i] = None
+                self._resident[i] = s.tokens[: s.length]
             self._notify(s.req)
 
     def _notify(self, req: Request) -> None:

@@ -1,0 +1,69 @@
+"""Prefix caching (`Engine(prefix_cache=True)`, `serve --prefix-cache`): a request starts after the longest prefix of
+its prompt whose keys a slot holds -- left by a finished request (reused in place) or written by a running one
+(copied) -- and generates what it would without the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.model import Transformer
+
+SYSTEM = [5 + (7 * i) % 90 for i in range(40)]  # a shared "system prompt" of 40 tokens
+SUFFIXES = [[11, 12, 13], [21, 22], [31, 32, 33, 34], [11, 12, 14]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(tiny_config()).eval()
+
+
+def _run(engine: Engine, prompts: list[list[int]], params: SamplingParams, one_by_one: bool) -> list:
+    if one_by_one:
+        return [engine.generate([p], params)[0] for p in prompts]
+    return engine.generate(prompts, params)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_same_outputs_with_and_without_the_cache(model, sampled):
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=1,
+                            **(dict(temperature=1.0, seed=3) if sampled else {}))
+    prompts = [SYSTEM + s for s in SUFFIXES]
+    plain = _run(Engine(model, max_batch=2, max_len=128, prefill_chunk=16), prompts, params, one_by_one=True)
+    engine = Engine(model, max_batch=2, max_len=128, prefill_chunk=16, prefix_cache=True)
+    cached = _run(engine, prompts, params, one_by_one=True)
+    assert [r.output_ids for r in cached] == [r.output_ids for r in plain]
+    for a, b in zip(cached, plain, strict=True):  # the same distributions, not just the same argmax
+        got, ref = torch.tensor([x.logprob for x in a.logprobs]), torch.tensor([x.logprob for x in b.logprobs])
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    # request 2 reuses the system prompt, 3 too, 4 shares [11, 12] more with request 1 (still in a free slot)
+    assert engine.stats.prefix_hit_tokens == 40 + 40 + 42
+    assert engine.stats.prefill_tokens == sum(len(p) for p in prompts) - engine.stats.prefix_hit_tokens
+
+
+def test_copied_from_a_running_request_and_the_same_prompt_again(model):
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    long = SYSTEM + SUFFIXES[0]
+    ref = Engine(model, max_batch=2, max_len=128).generate([long, SYSTEM + SUFFIXES[1]], params)
+    engine = Engine(model, max_batch=2, max_len=128, prefill_chunk=16, prefix_cache=True)
+    a = engine.submit(long, params)
+    engine.step()  # a has written its first 16 positions
+    engine.step()  # ... and 32
+    b = engine.submit(SYSTEM + SUFFIXES[1], params)  # starts from a's 32 positions, copied into the other slot
+    while not (a.finished and b.finished):
+        engine.step()
+    assert engine.stats.prefix_hit_tokens == 32
+    assert [a.output_ids, b.output_ids] == [r.output_ids for r in ref]
+    again = engine.generate([long], params)[0]  # all but the last prompt token from the finished request
+    assert engine.stats.prefix_hit_tokens == 32 + len(long) - 1 and again.output_ids == ref[0].output_ids
+
+
+def test_requests_that_need_every_prompt_position_skip_it(model):
+    engine = Engine(model, max_batch=2, max_len=128, prefix_cache=True)
+    engine.generate([SYSTEM + SUFFIXES[0]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    r = engine.generate([SYSTEM + SUFFIXES[1]], SamplingParams(max_new_tokens=2, ignore_eos=True,
+                                                                prompt_logprobs=0))[0]
+    assert engine.stats.prefix_hit_tokens == 0 and len(r.prompt_logprobs) == len(SYSTEM) + 2
