@@ -275,12 +275,25 @@ class Engine:
                         seed: int | None = None, first: int = 0) -> list[list[Request]]:
         """k samples of every prompt, all batched together (e.g. GRPO groups, rejection sampling); sample j of
         prompt i is seeded `seed * 1_000_003 + (first + i) * k + j` (reproducible; `first`: the index of prompts[0]
-        in a larger set shared out between processes), or left unseeded when seed is None."""
+        in a larger set shared out between processes), or left unseeded when seed is None. With prefix caching
+        each prompt is read once: the other k - 1 samples start from the first one's keys."""
         def seeded(i: int, j: int) -> SamplingParams:
             return dataclasses.replace(params, seed=None if seed is None else
                                        int64_seed(seed * 1_000_003 + (first + i) * k + j))
 
-        reqs = [[self.submit(p, seeded(i, j)) for j in range(k)] for i, p in enumerate(prompts)]
+        if not self.prefix_cache or k == 1:
+            reqs = [[self.submit(p, seeded(i, j)) for j in range(k)] for i, p in enumerate(prompts)]
+        else:  # one prefill per group: the first sample reads the prompt, the others then start from its keys
+            firsts = [self.submit(p, seeded(i, 0)) for i, p in enumerate(prompts)]
+
+            def read(r: Request) -> bool:
+                s = next((s for s in self.slots if s is not None and s.req is r), None)
+                return r.finished or (s is not None and not s.prefilling)
+
+            while not all(read(r) for r in firsts):
+                self.step()
+            reqs = [[r, *(self.submit(p, seeded(i, j)) for j in range(1, k))]
+                    for i, (p, r) in enumerate(zip(prompts, firsts, strict=True))]
         while not all(r.finished for row in reqs for r in row):
             self.step()
         return reqs

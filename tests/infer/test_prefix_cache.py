@@ -67,3 +67,16 @@ def test_requests_that_need_every_prompt_position_skip_it(model):
     r = engine.generate([SYSTEM + SUFFIXES[1]], SamplingParams(max_new_tokens=2, ignore_eos=True,
                                                                 prompt_logprobs=0))[0]
     assert engine.stats.prefix_hit_tokens == 0 and len(r.prompt_logprobs) == len(SYSTEM) + 2
+
+
+def test_groups_read_each_prompt_once(model):
+    """generate_groups (GRPO's rollouts): with the cache, the k samples of a prompt share one prefill and sample
+    what they would without it (the same seeds)."""
+    prompts = [SYSTEM + s for s in SUFFIXES[:3]]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, ignore_eos=True)
+    plain = Engine(model, max_batch=8, max_len=128).generate_groups(prompts, 4, params, seed=5)
+    engine = Engine(model, max_batch=8, max_len=128, prefix_cache=True)
+    cached = engine.generate_groups(prompts, 4, params, seed=5)
+    assert [[r.output_ids for r in g] for g in cached] == [[r.output_ids for r in g] for g in plain]
+    assert engine.stats.prefix_hit_tokens == sum(3 * (len(p) - 1) for p in prompts)
+    assert engine.stats.prefill_tokens == sum(len(p) + 3 for p in prompts)
