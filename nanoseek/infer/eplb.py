@@ -71,7 +71,6 @@ class Rebalancer:
         self._lock = threading.Lock()
         self.plans = 0
         self.last: dict[str, Any] | None = None
-        self._planned_load: torch.Tensor | None = None
         self._dispatch: list[Any] = []
 
     def replan(self) -> bool:
@@ -85,7 +84,7 @@ class Rebalancer:
             cfg = self.cfg
             plan = rebalance(window.double(), self.n_slots, self.groups, cfg.nodes, cfg.gpus)
             self._dispatch = install_plan(self.model, plan)
-            self._base, self._planned_load = now, window
+            self._base = now
             self.plans += 1
             self.last = {
                 "time": time.time(), "tokens": window.sum(dim=1).tolist(),

@@ -142,9 +142,14 @@ def stage_indices(rank: int, pp: int, schedule: str) -> list[int]:
     return [rank]
 
 
+def stage_count(pp: int, schedule: str) -> int:
+    """Pipeline stages over pp ranks: one per rank, two with the interleaved and DualPipeV schedules."""
+    return pp * (2 if schedule in MULTI else 1)
+
+
 def check_stages(n_layers: int, pp: int, schedule: str) -> None:
     """ConfigError unless `schedule` over pp ranks gives every stage at least one of the n_layers layers."""
-    n_stages = pp * (2 if schedule in MULTI else 1)
+    n_stages = stage_count(pp, schedule)
     if n_layers < n_stages:
         raise ConfigError(f"--parallel pp={pp},pp_schedule={schedule} needs {n_stages} stages of at least one layer "
                           f"each; the model has {n_layers} layers (num_hidden_layers)")
@@ -172,7 +177,7 @@ def stage_owner(stage: int, pp: int, schedule: str) -> int:
 def stage_modules(model: Transformer, pp: int, rank: int, schedule: str, n_microbatches: int = 1,
                   ) -> list[PipelineStageModule]:
     """The stage modules of pipeline rank `rank` (of `pp`), cut by `stage_bounds` with the output stage weighted."""
-    n_stages = pp * (2 if schedule in MULTI else 1)
+    n_stages = stage_count(pp, schedule)
     edges = [0, *stage_bounds(len(model.model.layers), n_stages, output_cost(model)), len(model.model.layers)]
     return [PipelineStageModule(model, edges[s], edges[s + 1], n_microbatches)
             for s in stage_indices(rank, pp, schedule)]
@@ -183,11 +188,8 @@ def make_schedule(model: Transformer, modules: list[PipelineStageModule], pp_gro
                   device: torch.device | str = "cpu") -> object:
     """torch's schedule over `modules` (this rank's, from `stage_modules`) for n_microbatches micro-batches; the
     loss function is the output stage. `mtp_loss_weight`: lambda, or a function giving this step's lambda."""
-    pp = dist.get_world_size(pp_group)
-    n_stages = pp * (2 if schedule in MULTI else 1)
-    rank = dist.get_rank(pp_group)
-    for m in modules:
-        m.n_microbatches = n_microbatches
+    pp, rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
+    n_stages = stage_count(pp, schedule)
     stages = [PipelineStage(mod, s, n_stages, torch.device(device), group=pp_group)
               for mod, s in zip(modules, stage_indices(rank, pp, schedule), strict=True)]
     last = next((m for m in modules if m.last), None)
@@ -297,10 +299,6 @@ class Pipeline:
         self._gates = [[gate_index[id(b.mlp.gate)] for b in m.layers if isinstance(b.mlp, MoE)] for m in self.modules]
         self._mtp_gates = [gate_index[id(b.mlp.gate)] for b in model.mtp if isinstance(b.mlp, MoE)]
 
-    def gates(self) -> list[int]:
-        """The gate indices (`Transformer.moe_gates()` order) of the MoE layers this rank holds."""
-        return [i for g in self._gates for i in g] + (self._mtp_gates if self.last is not None else [])
-
     def parameters(self) -> list[nn.Parameter]:
         """This rank's parameters, each once."""
         return stage_parameters(self.modules)
@@ -364,7 +362,7 @@ class Pipeline:
     def main_loss(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
         """The main model's loss on x, y (every rank of the pipeline passes the same): a forward through the stages
         in order, hidden states sent point to point; the value on the rank of the last stage, None elsewhere."""
-        n_stages = self.pp * (2 if self.schedule in MULTI else 1)
+        n_stages = stage_count(self.pp, self.schedule)
         mine = dict(zip(stage_indices(self.rank, self.pp, self.schedule), self.modules, strict=True))
         peer = [dist.get_global_rank(self.group, stage_owner(s, self.pp, self.schedule)) for s in range(n_stages)]
         shape = (*x.shape, self.model.config.hidden_size)
