@@ -164,9 +164,10 @@ class GRPOTrainer(RunLoop):
         self.heldout = heldout_set(cfg.task, cfg.eval_n, **cfg.task_knobs)
         max_prompt = max(len(problem_prompt(p, tokenizer, cfg.template)) for p in self.heldout)
         self.max_len = max_prompt + 32 + cfg.max_new_tokens
-        # (prefix caching: each question's prompt is read once per group, the group's samples start from its keys)
+        # (no prefix cache: every rollout records its routing for the mismatch metrics and replay, and the engine
+        # computes every prompt position of such requests)
         self.engine = Engine(self.rollout_model, tokenizer, max_batch=min(64, n_per_step * cfg.group_size),
-                             max_len=self.max_len, prefix_cache=True)
+                             max_len=self.max_len)
         # greedy evaluation drafts with MTP module 1 (the same tokens; its acceptance rate is logged)
         self.eval_engine = (Engine(self.rollout_model, tokenizer, max_batch=self.engine.max_batch,
                                    max_len=self.max_len, speculative=True) if len(model.mtp) else self.engine)
