@@ -243,7 +243,9 @@ def test_gauges_under_load_and_cancelled_clients(srv):
 
         def busy() -> bool:
             seen.update(scrape(srv.port))
-            return (value(seen, "nanoseek_requests_running"), value(seen, "nanoseek_requests_waiting")) == (2, 1)
+            # (and the running ones have written their prompts: a slot is taken before its first prefill chunk)
+            return ((value(seen, "nanoseek_requests_running"), value(seen, "nanoseek_requests_waiting")) == (2, 1)
+                    and value(seen, "nanoseek_kv_cache_tokens_usage_ratio") > 0)
 
         assert wait_until(busy, timeout=20, every=0.01), seen
         assert value(seen, "nanoseek_kv_cache_usage_ratio") == 1.0
