@@ -228,6 +228,9 @@ class Engine:
         # active one's tokens so far, or what a finished request left in a free one), reused in place or copied
         self.prefix_cache = prefix_cache
         self._resident: list[list[int]] = [[] for _ in range(max_batch)]  # a free slot's tokens with valid keys
+        # ... and the experts they were routed to (Request.routed_experts chunks; None where not recorded), which a
+        # request recording its routing copies with the keys
+        self._resident_routing: list[list[torch.Tensor] | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -276,7 +279,7 @@ class Engine:
         """k samples of every prompt, all batched together (e.g. GRPO groups, rejection sampling); sample j of
         prompt i is seeded `seed * 1_000_003 + (first + i) * k + j` (reproducible; `first`: the index of prompts[0]
         in a larger set shared out between processes), or left unseeded when seed is None. With prefix caching
-        each prompt is read once: the other k - 1 samples start from the first one's keys."""
+        each prompt is read once: the other k - 1 samples start from the first one's keys (and recorded routing)."""
         def seeded(i: int, j: int) -> SamplingParams:
             return dataclasses.replace(params, seed=None if seed is None else
                                        int64_seed(seed * 1_000_003 + (first + i) * k + j))
@@ -362,7 +365,7 @@ class Engine:
             self.waiting.clear()
         reqs += [s.req for s in self.slots if s is not None]
         self.slots = [None] * self.max_batch
-        self._resident = [[] for _ in range(self.max_batch)]
+        self.forget_prefixes()
         for r in reqs:
             r.finish_reason = r.finish_reason or reason
         return reqs
@@ -396,16 +399,21 @@ class Engine:
         """The slot for `s`: `free`, or with prefix caching one already holding the longest prefix of its prompt;
         s then starts after that prefix, keeping at least the prompt's last token to read. The prefix is copied
         when an active slot holds it, or a free slot that holds more than it (kept for later requests: the copy
-        goes to the free slot holding the least); else that free slot is reused in place. Not for requests that
-        need every prompt position computed (prompt log-probs, recorded routing) nor with speculative decoding
-        (the MTP module's cache would need its own prefix)."""
+        goes to the free slot holding the least); else that free slot is reused in place. A request recording its
+        routing starts only from a holder that recorded it too, and takes the holder's experts for the prefix
+        with its keys (they are one computation: the routing is what the request would have recorded reading the
+        prefix itself). Not for requests that need every prompt position computed (prompt log-probs) nor with
+        speculative decoding (the MTP module's cache would need its own prefix)."""
         p = s.req.params
-        if not self.prefix_cache or self.speculative or p.prompt_logprobs is not None or p.routed_experts:
+        if not self.prefix_cache or self.speculative or p.prompt_logprobs is not None:
             return free
         prompt = s.req.prompt_ids
         best, best_n = free, 0
-        for j, other in enumerate(self.slots):
-            held = self._resident[j] if other is None else other.tokens[: other.length]
+        for j in range(self.max_batch):
+            held, routing = self._held(j)
+            if p.routed_experts and routing is None:  # the prefix's routing is unknown: read it
+                continue
+            other = self.slots[j]
             n = 0
             for a, b in zip(prompt[: len(prompt) - 1], held, strict=False):  # (its last token is read anyway)
                 if a != b:
@@ -421,6 +429,8 @@ class Engine:
                 free = min(others, key=lambda j: len(self._resident[j]))
             else:
                 free = best
+        if p.routed_experts and (chunks := self._held(best)[1]):  # (none: the model has no MoE layer)
+            s.req.routed_experts.append(torch.cat(chunks)[:best_n].clone())
         if best != free:  # copy the prefix's keys into the slot the request gets
             for bufs in self.cache.buffers:
                 for t in bufs:
@@ -430,6 +440,23 @@ class Engine:
         self.stats.prefix_hit_tokens += best_n
         return best
 
+    def _held(self, j: int) -> tuple[list[int], list[torch.Tensor] | None]:
+        """The tokens whose keys slot j holds (a running request's so far, or what a finished one left in a free
+        slot) and the experts they were routed to (Request.routed_experts chunks; None: not recorded)."""
+        s = self.slots[j]
+        return (self._resident[j], self._resident_routing[j]) if s is None else self._held_by(s)
+
+    @staticmethod
+    def _held_by(s: _Slot) -> tuple[list[int], list[torch.Tensor] | None]:
+        """`_held` of an occupied slot: its first `length` tokens (their routing covers exactly those)."""
+        return s.tokens[: s.length], (s.req.routed_experts if s.req.params.routed_experts else None)
+
+    def forget_prefixes(self) -> None:
+        """Drop what free slots hold for prefix caching: call when the model's weights change (their keys and
+        routing were computed with the old ones), e.g. between RL steps."""
+        self._resident = [[] for _ in range(self.max_batch)]
+        self._resident_routing = [None] * self.max_batch
+
     def _release(self, changed: set[int]) -> None:
         for i in sorted(changed):
             s = self.slots[i]
@@ -437,7 +464,7 @@ class Engine:
                 continue
             if s.req.finished:
                 self.slots[i] = None
-                self._resident[i] = s.tokens[: s.length]
+                self._resident[i], self._resident_routing[i] = self._held_by(s)
             self._notify(s.req)
 
     def _notify(self, req: Request) -> None:
@@ -457,17 +484,15 @@ class Engine:
     # ---- forwards: everything goes through model(ids, positions, cache), model.logits, model.mtp_forward ----
     def _batch(self, slots: list[int], starts: list[int], lengths: list[int]) -> CacheBatch:
         S = max(lengths)
-        pos = torch.full((len(slots), S), self.max_len, dtype=torch.long)  # padding -> scratch position
-        for r, (st, n) in enumerate(zip(starts, lengths, strict=True)):
-            pos[r, :n] = torch.arange(st, st + n)
-        return self.cache.batch(slots, pos.to(self.device), max(st + n for st, n in zip(starts, lengths, strict=True)))
+        pos = [[*range(st, st + n), *[self.max_len] * (S - n)]  # padding -> scratch position
+               for st, n in zip(starts, lengths, strict=True)]
+        return self.cache.batch(slots, torch.tensor(pos, device=self.device),
+                                max(st + n for st, n in zip(starts, lengths, strict=True)))
 
     def _token_ids(self, inputs: list[list[int]]) -> torch.Tensor:
         """Right-padded token ids [b, max len]."""
-        ids = torch.zeros(len(inputs), max(len(t) for t in inputs), dtype=torch.long)
-        for r, t in enumerate(inputs):
-            ids[r, : len(t)] = torch.tensor(t)
-        return ids.to(self.device)
+        S = max(len(t) for t in inputs)
+        return torch.tensor([[*t, *[0] * (S - len(t))] for t in inputs], device=self.device)
 
     def _main(self, slots: list[int], inputs: list[list[int]]) -> torch.Tensor:
         """Run the main model on new tokens per slot (positions from each slot's length); returns the hidden
@@ -490,13 +515,15 @@ class Engine:
         if self._compiled is None or S > 2 or eager:
             h = self._main(rows, inputs)
             return h, self._logits(h[:, :S])
-        ids = torch.zeros(self.max_batch, S, dtype=torch.long)
-        pos = torch.full((self.max_batch, S), self.max_len, dtype=torch.long)  # padding -> scratch position
+        # built as Python lists, one tensor each (per-row tensor writes cost more than the compiled step at tiny)
+        ids_l = [[0] * S for _ in range(self.max_batch)]
+        pos_l = [[self.max_len] * S for _ in range(self.max_batch)]  # padding -> scratch position
         for r, t in zip(rows, inputs, strict=True):
-            ids[r, : len(t)] = torch.tensor(t)
             start = self.slots[r].length  # type: ignore[union-attr]
-            pos[r, : len(t)] = torch.arange(start, start + len(t))
-        h, logits = self._compiled(ids.to(self.device), pos.to(self.device))
+            ids_l[r][: len(t)] = t
+            pos_l[r][: len(t)] = range(start, start + len(t))
+        ids, pos = torch.tensor(ids_l, device=self.device), torch.tensor(pos_l, device=self.device)
+        h, logits = self._compiled(ids, pos)
         if len(rows) == self.max_batch and rows == list(range(self.max_batch)):
             return h, logits
         return h[rows], logits[rows]

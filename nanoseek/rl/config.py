@@ -33,6 +33,7 @@ class GRPOConfig:
     temperature: float = param(1.0, POSITIVE)
     top_p: float | None = param(None, Range(0, 1, lo_open=True))
     max_new_tokens: int = param(48, POSITIVE)
+    prefix_cache: bool = True  # rollouts read a question's prompt once per group (the rest reuse its keys, routing)
     micro_batch: int = param(32, POSITIVE)  # sequences per forward/backward
     # pi_old of the importance ratio: "trainer" = the first optimisation pass's own log-probs (detached; no extra
     # forward, ratio exactly 1 in that pass); "rollout" = the engine's sampling log-probs (no extra forward; the

@@ -5,10 +5,12 @@ rewards, normalise rewards within each group, and take clipped policy-gradient s
     trainer.run()
 
 One step: questions_per_step problems x group_size rollouts (KV cache, batched, temperature sampling, seeded per
-step so a resumed run draws the same samples) -> rewards -> advantages A_i = (r_i - mean) / std per group ->
-reference log-probs -> mu optimisation passes over the batch -> metrics (reward, accuracy, format rate, length, KL,
-clip fraction, entropy; time_rollout / time_score / time_logprob / time_train) to metrics.jsonl. The reference is
-refreshed from the policy every ref_refresh_every steps. Checkpoints hold the policy, optimizer, RNG and reference.
+step so a resumed run draws the same samples; with `prefix_cache` a question's prompt is read once per group, the
+other samples starting from the first's keys and recorded experts) -> rewards -> advantages
+A_i = (r_i - mean) / std per group -> reference log-probs -> mu optimisation passes over the batch -> metrics (reward,
+accuracy, format rate, length, KL, clip fraction, entropy; time_rollout / time_score / time_logprob / time_train) to
+metrics.jsonl. The reference is refreshed from the policy every ref_refresh_every steps. Checkpoints hold the
+policy, optimizer, RNG and reference.
 
 Rollouts and training use one model and one codebase, so their mismatch is measured every step and can be removed:
 the engine reports each sampled token's log-prob and the experts every MoE layer routed each token to, and the first
@@ -164,10 +166,10 @@ class GRPOTrainer(RunLoop):
         self.heldout = heldout_set(cfg.task, cfg.eval_n, **cfg.task_knobs)
         max_prompt = max(len(problem_prompt(p, tokenizer, cfg.template)) for p in self.heldout)
         self.max_len = max_prompt + 32 + cfg.max_new_tokens
-        # (no prefix cache: every rollout records its routing for the mismatch metrics and replay, and the engine
-        # computes every prompt position of such requests)
+        # (prefix caching: each question's prompt is read once per group, the group's other samples start from its
+        # keys and recorded routing)
         self.engine = Engine(self.rollout_model, tokenizer, max_batch=min(64, n_per_step * cfg.group_size),
-                             max_len=self.max_len)
+                             max_len=self.max_len, prefix_cache=cfg.prefix_cache)
         # greedy evaluation drafts with MTP module 1 (the same tokens; its acceptance rate is logged)
         self.eval_engine = (Engine(self.rollout_model, tokenizer, max_batch=self.engine.max_batch,
                                    max_len=self.max_len, speculative=True) if len(model.mtp) else self.engine)
@@ -190,7 +192,9 @@ class GRPOTrainer(RunLoop):
         """n completions per problem (with the engine's log-probs and routing where `params` asks for them).
         `first`: the index of problems[0] in the step's questions (its samples' seeds)."""
         prompts = [problem_prompt(p, self.tok, self.cfg.template) for p in problems]
-        groups = (engine or self.engine).generate_groups(prompts, n, params, seed, first)
+        engine = engine or self.engine
+        engine.forget_prefixes()  # the keys finished rollouts left were computed before the last update
+        groups = engine.generate_groups(prompts, n, params, seed, first)
         out = []
         for prompt, group in zip(prompts, groups, strict=True):
             for r in group:

@@ -85,7 +85,8 @@ def test_matching_path_gives_ratio_one_and_no_routing_disagreement(tok, monkeypa
         return real(logp, old_logp, *a, **k)
 
     monkeypatch.setattr(nanoseek.rl.grpo, "grpo_loss", spy)
-    _, rec = _step(tok, routing_replay=True)  # pi_old = the first pass's own log-probs
+    tr, rec = _step(tok, routing_replay=True)  # pi_old = the first pass's own log-probs
+    assert tr.engine.stats.prefix_hit_tokens > 0  # (the group's samples shared their prompt's read and routing)
     assert torch.all(seen[0] == 1.0) and rec["ratio_dev_max"] == 0.0
     assert rec["routing_disagree"] == 0.0 and rec["routing_disagree_decisions"] == 0.0
     # the engine's log-probs differ from the trainer's only by fp32 rounding (decode vs full-sequence kernels)
@@ -102,6 +103,41 @@ def test_matching_path_gives_ratio_one_and_no_routing_disagreement(tok, monkeypa
     seen.clear()
     _, rec = _step(tok, old_logprobs="recompute")
     assert rec["ratio_dev_max"] < 1e-5
+
+
+def test_rollouts_sharing_the_prompt_read_are_the_unshared_ones(tok, monkeypatch, tmp_path):
+    """With the rollout engine's prefix cache (the default) each question's prompt is read once per group, and two
+    steps sample what they sample without it: the same completions, log-probs and recorded experts (the prompt's
+    copied from the group's first sample), also after the update (the keys the first step's rollouts left were
+    computed with the old weights and are not reused); replay keeps the ratio at 1 and no routing disagreement."""
+    monkeypatch.chdir(tmp_path)
+    got: list[list] = []
+    real = GRPOTrainer.sample
+
+    def spy(self, *a, **k):
+        out = real(self, *a, **k)
+        got[-1].append(out)
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "sample", spy)
+    recs, stats = {}, {}
+    for cache in (False, True):
+        got.append([])
+        tr, first = _step(tok, routing_replay=True, prefix_cache=cache)
+        recs[cache], stats[cache] = [first, tr.train_step()], tr.engine.stats
+    plain, cached = got
+    for step_plain, step_cached in zip(plain, cached, strict=True):
+        for a, b in zip(step_cached, step_plain, strict=True):
+            assert (a.prompt, a.completion) == (b.prompt, b.completion)
+            torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+            assert a.routing.shape == (len(a.prompt) + len(a.completion) - 1, 2, 3)
+            assert torch.equal(a.routing, b.routing)
+    groups = [rolls[g : g + 4] for rolls in cached for g in range(0, len(rolls), 4)]
+    assert stats[True].prefill_tokens == sum(len(g[0].prompt) + 3 for g in groups)
+    assert stats[True].prefix_hit_tokens == sum(3 * (len(g[0].prompt) - 1) for g in groups)
+    assert stats[False].prefix_hit_tokens == 0
+    for rec in recs[True]:
+        assert rec["ratio_dev_max"] == 0.0 and rec["routing_disagree"] == 0.0 and rec["logprob_diff_max"] < 1e-5
 
 
 def test_bf16_rollouts_disagree_on_routing_and_replay_removes_it(tok, monkeypatch, tmp_path):
