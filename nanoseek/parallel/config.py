@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..config import POSITIVE, ConfigError, check_fields, override, param
+from ..config import NON_NEGATIVE, POSITIVE, ConfigError, check_fields, override, param
 
 
 @dataclass
@@ -34,10 +34,18 @@ class ParallelConfig:
     activation_checkpoint: bool = False  # recompute each block's activations in the backward
     reshard_after_forward: bool = True  # FSDP2: free the gathered block weights after its forward (ZeRO-3)
     fp8_dispatch: bool = False  # EP: send the dispatched activations in FP8 (1x128 scales), combine in BF16 (V3 §3.3)
+    # EP: replica slots per ep rank for other ranks' hot experts, planned from the observed expert loads after the
+    # first step and every `replan_every` steps (nanoseek.parallel.redundant; V3 §3.4 has them in inference only).
+    # 0: none. At most the experts other ranks own (of the rank's node when nodes > 1)
+    redundant: int = param(0, NON_NEGATIVE)
+    replan_every: int = param(50, POSITIVE)
     timeout: float = param(300.0, POSITIVE)  # seconds the rendezvous and each collective wait for the other ranks
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.redundant and self.ep == 1:
+            raise ConfigError(f"--parallel redundant={self.redundant} holds replicas of other expert-parallel ranks' "
+                              f"experts: it needs ep > 1")
 
     @property
     def world_size(self) -> int:
@@ -50,7 +58,8 @@ class ParallelConfig:
     @classmethod
     def parse(cls, spec: str) -> ParallelConfig:
         """`"dp=2,ep=2"`, `"pp=2,ep=2,pp_schedule=dualpipev"` (omitted dimensions are 1; also `nodes=`,
-        `activation_checkpoint=`, `fp8_dispatch=`, `reshard_after_forward=`, `timeout=`)."""
+        `activation_checkpoint=`, `fp8_dispatch=`, `redundant=`, `replan_every=`, `reshard_after_forward=`,
+        `timeout=`)."""
         items = [s for s in spec.replace(" ", "").split(",") if s]
         for item in items:
             if "=" not in item:

@@ -13,6 +13,10 @@ expert's replicas in turn, over physical slots holding copies of the experts' we
 Packing is largest-first onto the lightest bin that still has room, then improved by pairwise swaps between the
 heaviest bin and the others while a swap lowers the heavier of the two. Physical slot r lives on GPU
 r // (replicas / GPUs); a replica carries its expert's load divided by the expert's replica count.
+
+Training (`rebalance_owned`, nanoseek.parallel.redundant) plans differently: each GPU keeps its own experts, whose
+weights the optimizer updates there, and adds a fixed number of replicas of other GPUs' experts (greedy, then a
+local search). Both route with `replica_slots`: the n-th pair of an expert to its replica n mod count.
 """
 
 from __future__ import annotations
@@ -124,16 +128,136 @@ def rebalance(load: torch.Tensor, num_replicas: int, num_groups: int, num_nodes:
     if num_groups % num_nodes:  # global: one node of every GPU, groups ignored
         num_groups, num_nodes = 1, 1
     w = load.double().cpu().numpy()
-    phy2log = torch.from_numpy(np.stack([_plan_layer(w[i], num_replicas, num_groups, num_nodes, num_gpus)
-                                         for i in range(L)])).long()
-    logcnt = torch.zeros(L, E, dtype=torch.long).scatter_add_(1, phy2log, torch.ones_like(phy2log))
+    return plan_of(np.stack([_plan_layer(w[i], num_replicas, num_groups, num_nodes, num_gpus) for i in range(L)]), E)
+
+
+def plan_of(phy2log: np.ndarray, num_experts: int) -> Plan:
+    """The Plan (log2phy, logcnt) of a slot table phy2log [layers, slots]."""
+    p2l = torch.as_tensor(phy2log).long()
+    L, E = p2l.shape[0], num_experts
+    logcnt = torch.zeros(L, E, dtype=torch.long).scatter_add_(1, p2l, torch.ones_like(p2l))
     log2phy = torch.full((L, E, int(logcnt.max())), -1, dtype=torch.long)
     for i in range(L):
         seen = [0] * E
-        for r, e in enumerate(phy2log[i].tolist()):
+        for r, e in enumerate(p2l[i].tolist()):
             log2phy[i, e, seen[e]] = r
             seen[e] += 1
-    return Plan(phy2log, log2phy, logcnt)
+    return Plan(p2l, log2phy, logcnt)
+
+
+def owned_capacity(num_experts: int, num_gpus: int, num_nodes: int = 1) -> int:
+    """The most replica slots a GPU can usefully hold under `rebalance_owned`: one for every expert of its node that
+    another GPU owns."""
+    return num_experts // num_gpus * (num_gpus // num_nodes - 1)
+
+
+def _owned_layer(w: np.ndarray, num_gpus: int, redundant: int, node_of_gpu: np.ndarray) -> list[list[int]]:
+    """The replicas each GPU adds to its own experts, for one layer's loads w [E]."""
+    E, G = len(w), num_gpus
+    owner = np.arange(E) // (E // G)
+    holds = np.zeros((E, G), dtype=bool)
+    holds[np.arange(E), owner] = True
+    allowed = node_of_gpu[owner][:, None] == node_of_gpu[None, :]  # replicas stay on their owner's node
+    cnt = np.ones(E)
+    load = np.bincount(owner, weights=w, minlength=G).astype(np.float64)
+    free = np.full(G, redundant)
+    extra: list[list[int]] = [[] for _ in range(G)]
+    gpus = np.arange(G)
+    for _ in range(G * redundant):
+        ok = allowed & ~holds & (free > 0)[None, :]
+        share = w / (cnt + 1)  # a replica's load after one more of its expert
+        shed = w / cnt - share  # what each current holder gives up
+        held = np.where(holds, load[None, :], -np.inf)
+        others = np.where(holds, -np.inf, load[None, :])  # the GPUs an addition of e leaves alone, but for b
+        top2 = np.sort(others, axis=1)[:, -2:]
+        rest = np.where(gpus[None, :] == others.argmax(1)[:, None], top2[:, :1], top2[:, 1:])
+        peak = np.maximum(np.maximum((held.max(1) - shed)[:, None], load[None, :] + share[:, None]), rest)
+        peak = np.where(ok, peak, np.inf)
+        # ties on the peak: the addition that lowers the sum of squared loads most
+        sq = (-2 * shed * np.where(holds, load[None, :], 0).sum(1) + holds.sum(1) * shed**2)[:, None] + (
+            2 * share[:, None] * load[None, :] + share[:, None] ** 2)
+        best = peak.min()
+        e, b = np.unravel_index(np.argmin(np.where(peak <= best + 1e-9 * max(1.0, best), sq, np.inf)), peak.shape)
+        load[holds[e]] -= shed[e]
+        load[b] += share[e]
+        holds[e, b], cnt[e], free[b] = True, cnt[e] + 1, free[b] - 1
+        extra[b].append(int(e))
+    return _improve_owned(w, holds, allowed, extra)
+
+
+def _improve_owned(w: np.ndarray, holds: np.ndarray, allowed: np.ndarray, extra: list[list[int]],
+                   rounds: int = 8) -> list[list[int]]:
+    """Local search after the greedy: replace one replica by another expert while that lowers the heaviest GPU's
+    load (then the sum of squared loads)."""
+    E, G = holds.shape
+
+    def loads(h: np.ndarray) -> np.ndarray:
+        return (h * (w / h.sum(1))[:, None]).sum(0)
+
+    cur = loads(holds)
+    key = (cur.max(), (cur**2).sum())
+    onehot = np.eye(G)
+    for _ in range(rounds):
+        changed = False
+        for g in range(G):
+            for k, e0 in enumerate(extra[g]):
+                h = holds.copy()
+                h[e0, g] = False
+                base, cnt = loads(h), h.sum(1)
+                share, shed = w / (cnt + 1), w / cnt - w / (cnt + 1)
+                new = base[None, :] - shed[:, None] * h + share[:, None] * onehot[g][None, :]  # [E candidates, G]
+                peak, sq = new.max(1), (new**2).sum(1)
+                ok = allowed[:, g] & ~h[:, g]
+                tol = 1e-9 * max(1.0, key[0])
+                better = ok & ((peak < key[0] - tol) | ((peak <= key[0] + tol) & (sq < key[1] - tol * key[1])))
+                if not better.any():
+                    continue
+                e = int(np.flatnonzero(better)[np.lexsort((sq[better], peak[better]))[0]])
+                h[e, g] = True
+                holds, extra[g][k], key, changed = h, e, (peak[e], sq[e]), True
+        if not changed:
+            break
+    return extra
+
+
+def rebalance_owned(load: torch.Tensor, num_gpus: int, redundant: int, num_nodes: int = 1) -> Plan:
+    """Redundant experts beside fixed owners (expert-parallel training, nanoseek.parallel.redundant): GPU g keeps its
+    own experts [g E/G, (g+1) E/G) in its first E/G slots (their weights stay where the optimizer updates them) and
+    `redundant` replicas of other GPUs' experts -- of its own node, so node-limited routing stays node-limited -- in
+    the rest. Replicas are added one at a time, each where it lowers the heaviest GPU's load most (ties: the sum of
+    squared loads), a replica carrying its expert's load over its replica count; no GPU holds an expert twice."""
+    load = torch.as_tensor(load)
+    if load.dim() == 1:
+        load = load[None]
+    L, E = load.shape
+    if E % num_gpus or num_gpus % num_nodes:
+        raise ValueError(f"experts ({E}) must split over GPUs ({num_gpus}) and GPUs over nodes ({num_nodes})")
+    cap = owned_capacity(E, num_gpus, num_nodes)
+    if not 0 <= redundant <= cap:
+        raise ValueError(f"redundant={redundant} replica slots per GPU: a GPU can hold 0 to {cap} (the experts of its "
+                         f"node that other GPUs own: {E} experts over {num_gpus} GPUs on {num_nodes} node(s))")
+    local, node_of_gpu = E // num_gpus, np.arange(num_gpus) * num_nodes // num_gpus
+    w = load.double().cpu().numpy()
+    rows = []
+    for i in range(L):
+        extra = _owned_layer(w[i], num_gpus, redundant, node_of_gpu)
+        rows.append([e for g in range(num_gpus) for e in [*range(g * local, (g + 1) * local), *sorted(extra[g])]])
+    return plan_of(np.array(rows), E)
+
+
+def replica_slots(idx: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """The physical slot of each (token, expert) pair of idx [T, K] (logical experts) under one layer's plan
+    (log2phy [E, M], logcnt [E]): the n-th pair of expert e goes to replica (n + offset) mod logcnt[e], so each replica
+    gets an equal share of its expert's pairs (within one; `offset`, e.g. the rank, spreads the remainders of several
+    senders over the replicas)."""
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=len(logcnt))
+    starts = counts.cumsum(0) - counts
+    nth = torch.empty_like(flat)
+    nth[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # n-th pair of its expert
+    cnt, table = logcnt.to(flat.device), log2phy.to(flat.device)
+    return table[flat, (nth + offset) % cnt[flat]].view_as(idx)
 
 
 # ---- serving with a plan: each (token, expert) pair goes to one of the expert's replicas ----------------------
@@ -162,14 +286,7 @@ class ReplicaDispatch:
 
     def slots(self, idx: torch.Tensor) -> torch.Tensor:
         """The physical slot of each (token, expert) pair of idx [T, K] (logical experts)."""
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=len(self.logcnt))
-        starts = counts.cumsum(0) - counts
-        nth = torch.empty_like(flat)
-        nth[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # n-th pair of its expert
-        cnt, table = self.logcnt.to(flat.device), self.log2phy.to(flat.device)
-        return table[flat, nth % cnt[flat]].view_as(idx)
+        return replica_slots(idx, self.log2phy, self.logcnt)
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
                  experts: Experts) -> torch.Tensor:

@@ -28,6 +28,11 @@ from ..fp8.quant import BLOCK, dequantize_tiles, quantize_tiles
 from ..model.moe import Experts, combine, sort_by_expert
 
 
+def recomputing() -> bool:
+    """Whether this forward is activation checkpointing's recomputation in the backward (not counted twice)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> torch.Tensor:
     """all_to_all_single of the rows of a 2-D x (any dtype: sent as bytes; gloo has no bf16 / fp8 all-to-all)."""
     raw = x.contiguous().view(torch.uint8)  # [N, row bytes]
@@ -81,6 +86,8 @@ class Traffic:
     combine_bytes: int = 0
     cross_node_bytes: int = 0  # dispatch + combine across nodes
     max_nodes_per_token: int = 0  # most nodes (own included) any token's slots reached
+    expert_rows: int = 0  # rows this rank's expert slots computed (its own tokens' included)
+    replica_bytes: int = 0  # expert weights sent to other ranks' replica slots (their gradients return as many)
     calls: int = 0
 
     def to_dict(self) -> dict[str, int]:
@@ -89,7 +96,9 @@ class Traffic:
 
 class ExpertParallelDispatch:
     """`MoE.dispatch` under expert parallelism: same signature as nanoseek.model.moe.dispatch_combine, the experts'
-    parameters split over the ep group (Experts.weights() is this rank's part)."""
+    parameters split over the ep group (Experts.weights() is this rank's part). Tokens go to expert slots, S per
+    rank (slot s on rank s // S): here each expert's own (S = E / ep); nanoseek.parallel.redundant's subclass adds
+    replica slots (`route`)."""
 
     def __init__(self, group: dist.ProcessGroup, n_experts: int, nodes: int = 1, fp8: bool = False,
                  n_group: int = 1) -> None:
@@ -113,24 +122,30 @@ class ExpertParallelDispatch:
         t, self.traffic = self.traffic, Traffic()
         return t
 
-    def _count(self, idx: torch.Tensor, send: torch.Tensor, row_in: int, row_out: int) -> None:
-        if torch._C._current_graph_task_id() != -1:  # recomputation in the backward (activation checkpointing)
+    def route(self, idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(the expert slot of each (token, expert) pair of idx [T, K], slots per rank): each expert's own."""
+        return idx, self.local
+
+    def _count(self, slot: torch.Tensor, per_rank: int, send: torch.Tensor, computed: int, row_in: int,
+               row_out: int) -> None:
+        if recomputing():
             return
         remote = self.node_of_rank != self.node
         others = torch.arange(self.ep) != self.rank
         send = send.cpu()
-        node = self.node_of_rank.to(idx.device)[idx // self.local]  # [T, K] node of each slot's expert
-        reached = torch.zeros(idx.shape[0], self.nodes, dtype=torch.bool, device=idx.device)
+        node = self.node_of_rank.to(slot.device)[slot // per_rank]  # [T, K] node of each pair's slot
+        reached = torch.zeros(slot.shape[0], self.nodes, dtype=torch.bool, device=slot.device)
         reached.scatter_(1, node, True)
         t = self.traffic
         rows, cross = int(send[others].sum()), int(send[remote].sum())
         t.rows += rows
+        t.expert_rows += computed
         t.rows_cross_node += cross
         t.token_nodes += int(reached.sum() - reached[:, self.node].sum())
         t.dispatch_bytes += rows * row_in
         t.combine_bytes += rows * row_out
         t.cross_node_bytes += cross * (row_in + row_out)
-        t.max_nodes_per_token = max(t.max_nodes_per_token, int(reached.sum(1).max()) if idx.numel() else 0)
+        t.max_nodes_per_token = max(t.max_nodes_per_token, int(reached.sum(1).max()) if slot.numel() else 0)
         t.calls += 1
 
     def row_bytes(self, hidden: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -142,20 +157,21 @@ class ExpertParallelDispatch:
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
                  experts: Experts) -> torch.Tensor:
-        x_sorted, order, counts = sort_by_expert(x, idx, n_experts)
+        slot, per = self.route(idx)
+        x_sorted, order, counts = sort_by_expert(x, slot, self.ep * per)
         recv = torch.empty_like(counts)
-        dist.all_to_all_single(recv, counts, group=self.group)  # [source rank, local expert] row counts
-        recv = recv.view(self.ep, self.local)
-        send = counts.view(self.ep, self.local).sum(1)
+        dist.all_to_all_single(recv, counts, group=self.group)  # [source rank, local slot] row counts
+        recv = recv.view(self.ep, per)
+        send = counts.view(self.ep, per).sum(1)
         in_splits, out_splits = send.tolist(), recv.sum(1).tolist()
-        self._count(idx, send, *self.row_bytes(x.shape[-1], x_sorted.dtype))
+        self._count(slot, per, send, sum(out_splits), *self.row_bytes(x.shape[-1], x_sorted.dtype))
         if self.fp8:
             x_recv = _Fp8AllToAll.apply(x_sorted, out_splits, in_splits, self.group)
         else:
             x_recv = _AllToAll.apply(x_sorted, out_splits, in_splits, self.group, None)
-        # the received rows come grouped by source rank, then expert: regroup them by expert for the grouped GEMM
+        # the received rows come grouped by source rank, then slot: regroup them by slot for the grouped GEMM
         block = torch.repeat_interleave(torch.arange(recv.numel(), device=x.device), recv.flatten().to(x.device))
-        perm = ((block % self.local) * self.ep + block // self.local).argsort(stable=True)
+        perm = ((block % per) * self.ep + block // per).argsort(stable=True)
         inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
         y_local = experts(x_recv.index_select(0, perm), recv.sum(0).to(x.device))
         y_recv = y_local.index_select(0, inverse)

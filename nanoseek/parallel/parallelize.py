@@ -1,6 +1,7 @@
 """`parallelize(model, ctx)`: an unmodified Transformer spread over the mesh of a ParallelContext (torchtitan's seam).
 
-    expert parallelism   routed experts -> DTensors Shard(0) on "ep"; MoE.dispatch -> all-to-all (parallel/expert.py)
+    expert parallelism   routed experts -> DTensors Shard(0) on "ep"; MoE.dispatch -> all-to-all (parallel/expert.py),
+                         one dispatch per MoE layer; with `redundant`, replica slots (parallel/redundant.py)
     activation ckpt      each block (main and MTP) recomputed in the backward (optional)
     FSDP2                experts: fully_shard over "dp"; each block and the root: over the "dp" x "ep" ranks
     pipeline             (pp > 1) the roots are a rank's stage modules, see nanoseek.parallel.pipeline
@@ -28,6 +29,7 @@ from ..model import Transformer
 from ..model.moe import MoE
 from .expert import ExpertParallelDispatch, Traffic
 from .launch import ParallelContext
+from .redundant import ExpertReplicas
 
 
 def _blocks(model: Transformer) -> list[nn.Module]:
@@ -40,12 +42,14 @@ def _part_blocks(part: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
 
 
 def apply_expert_parallel(model: Transformer, ctx: ParallelContext,
-                          blocks: list[nn.Module] | None = None) -> ExpertParallelDispatch:
+                          blocks: list[nn.Module] | None = None) -> ExpertReplicas | None:
     """Split every MoE layer's routed experts (of `blocks`, default all) over the ep ranks and route its tokens
-    with all-to-all."""
-    cfg = model.config
-    dispatch = ExpertParallelDispatch(ctx.ep_group, cfg.n_routed_experts, ctx.ep_nodes, ctx.cfg.fp8_dispatch,
-                                      cfg.n_group)
+    with all-to-all; with `redundant` replica slots per rank, through them (returned: the plan's keeper, which the
+    trainer feeds with the expert loads)."""
+    cfg, pc = model.config, ctx.cfg
+    args = (ctx.ep_group, cfg.n_routed_experts, ctx.ep_nodes, pc.fp8_dispatch, cfg.n_group)
+    replicas = ExpertReplicas(*args, pc.redundant, pc.replan_every) if pc.redundant else None
+    gate_index = {id(g): i for i, g in enumerate(model.moe_gates())}
     ep_mesh = ctx.mesh["ep"]
     for block in _blocks(model) if blocks is None else blocks:
         moe = block.mlp
@@ -55,8 +59,11 @@ def apply_expert_parallel(model: Transformer, ctx: ParallelContext,
             p = getattr(moe.experts, name)
             setattr(moe.experts, name, nn.Parameter(distribute_tensor(p.detach(), ep_mesh, [Shard(0)]),
                                                     requires_grad=p.requires_grad))
-        moe.dispatch = dispatch
-    return dispatch
+        if replicas is None:
+            moe.dispatch = ExpertParallelDispatch(*args)
+        else:
+            moe.dispatch = replicas.add(gate_index[id(moe.gate)], moe.experts)
+    return replicas
 
 
 def apply_activation_checkpointing(model: Transformer) -> None:
@@ -85,7 +92,7 @@ def parallelize(model: Transformer, ctx: ParallelContext, parts: list[nn.Module]
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if ctx.device.type == "cuda" else MixedPrecisionPolicy())
     # Experts.forward returns a view (grouped_linear's gradient-contiguity identity); nothing writes into it in place
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPExperts\) returned a view")
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w*Experts\) returned a view")
     # (see below: under pipeline parallelism blocks stay gathered through the step)
     reshard_blocks = pc.reshard_after_forward and parts is None
     for block in main + mtp:

@@ -127,6 +127,9 @@ class GRPOTrainer(RunLoop):
         if parallel is not None and parallel.cfg.pp > 1:
             raise ConfigError(f"--parallel pp={parallel.cfg.pp}: GRPO does not run pipeline stages (each rank samples "
                               f"its rollouts on a whole copy of the policy); use dp= and ep=")
+        if parallel is not None and parallel.cfg.redundant:  # (the trainer plans them from its bias-update loads)
+            raise ConfigError(f"--parallel redundant={parallel.cfg.redundant}: GRPO does not plan redundant experts "
+                              f"(pre-training and SFT do); use redundant=0")
         if cfg.questions_per_step % self.world:
             raise ConfigError(f"questions_per_step={cfg.questions_per_step} does not split over {self.world} ranks")
         if parallel is not None and cfg.mtp_lambda:

@@ -32,6 +32,7 @@ from ..model import ModelConfig, Transformer, update_bias
 from ..model.moe import MoE
 from ..parallel import ParallelContext, Traffic, clip_grad_norm, expert_traffic, materialize, parallelize
 from ..parallel.pipeline import Pipeline, microbatches
+from ..parallel.redundant import ExpertReplicas, expert_replicas
 from .checkpoint import load_latest, load_latest_sharded, load_model
 from .config import TrainConfig, write_resolved
 from .loop import RunLoop, TimeBudget
@@ -141,6 +142,8 @@ class Trainer(RunLoop):
                 parallelize(self.model, parallel)
             if next(self.model.parameters()).device.type == "meta":
                 materialize(self.model, self.device, cfg.seed)
+        # redundant experts (--parallel redundant=R): re-planned from the expert loads of the steps
+        self.replicas: ExpertReplicas | None = expert_replicas(self.model) if parallel is not None else None
         self.optimizer = build_optimizer(self.pipe.parts if self.pipe is not None else self.model, cfg)
         if resume and parallel is not None:
             got = load_latest_sharded(self.ckpt_root, self.model, self.optimizer, self.state_keys)
@@ -276,10 +279,16 @@ class Trainer(RunLoop):
         traffic = expert_traffic(model) if self.par is not None else None
         if self.par is not None and self.par.cfg.ep > 1:  # (a pipeline rank without MoE layers sends nothing)
             t = (traffic or Traffic()).to_dict()
-            summed = self._sum(t["dispatch_bytes"] + t["combine_bytes"], t["cross_node_bytes"], t["token_nodes"])
-            rec["ep_bytes"], rec["ep_cross_node_bytes"], rec["ep_token_nodes"] = (int(v) for v in summed)
-            rec["ep_max_nodes_per_token"] = int(self.par.all_reduce(
-                torch.tensor([t["max_nodes_per_token"]], device=self.device), "max").item())
+            summed = self._sum(t["dispatch_bytes"] + t["combine_bytes"], t["cross_node_bytes"], t["token_nodes"],
+                               t["replica_bytes"])
+            rec["ep_bytes"], rec["ep_cross_node_bytes"], rec["ep_token_nodes"], rec["ep_replica_bytes"] = (
+                int(v) for v in summed)
+            ranks = self.par.all_gather(torch.tensor([[t["max_nodes_per_token"], t["expert_rows"]]],
+                                                     dtype=torch.float64, device=self.device))
+            rec["ep_max_nodes_per_token"] = int(ranks[:, 0].max())
+            # the expert rows of a stage's busiest rank over its ranks' mean (1.0: all compute as many), worst stage
+            rows = ranks[:, 1].view(self.par.cfg.pp, -1)  # pipeline stages outermost in the mesh
+            rec["ep_rows_max_over_mean"] = (rows.amax(1) / rows.mean(1).clamp_min(1.0)).max().item()
         load = None
         if self.pipe is not None:
             load = self._pipeline_load(got.loads, n_seq // W)
@@ -291,6 +300,8 @@ class Trainer(RunLoop):
             gamma = bias_speed_at(cfg, step, p)
             for gate, layer_load in zip(model.moe_gates(), load, strict=True):
                 update_bias(gate, layer_load, gamma)
+            if self.replicas is not None:
+                self.replicas.observe(load)
             n_main = model.config.n_moe_layers
             main_load = load[:n_main]
             rec["maxvio_batch"], rec["maxvio_seq"] = max_violation(main_load)

@@ -5,6 +5,10 @@ step MESH...      one forward/backward of a small MoE model per mesh vs the same
 grpo MESH TOKENIZER RUN   a few GRPO steps with the policy parallelized (rollouts on each rank's copy)
 pipeline SCHED... each pipeline schedule against one process (loss, gradients, expert loads)
 hang              rank 1 stops answering (the others must give up within the timeout)
+redundant MESH[+MESH...] [DATA RUN TRAIN_MESH...]   per MESH, one step with redundant experts (planned from the
+                  step's skewed loads) vs the same model in this process: loss, every gradient, each rank's expert rows
+                  per layer without and with the plan, the replica weight bytes; then the Trainer (4 steps) on a skewed
+                  router under each TRAIN_MESH (run RUN/<i>)
 train MESH DATA RUN STEPS [MAX]   the Trainer (API) on DATA for STEPS steps (stopping after MAX), resuming RUN if
                   it has a checkpoint; then the logits of the trained model on fixed tokens
 """
@@ -158,6 +162,79 @@ def scenario_train(out: Path, spec: str, data: str, run: str, steps: int, max_st
         out.write_text(json.dumps({"start": start, "step": tr.step, "logits": logits.tolist(), "tokens": x.tolist()}))
 
 
+def skew_router(model: torch.nn.Module, experts: int = 2, bias: float = 0.5) -> None:
+    """Every router prefers the first `experts` experts (all on ep rank 0): a skewed expert load."""
+    with torch.no_grad():
+        for gate in model.moe_gates():
+            gate.e_score_correction_bias[:experts] += bias
+
+
+def scenario_redundant(out: Path, specs: list[str], data: str | None = None, run: str | None = None,
+                       train_meshes: tuple[str, ...] = ()) -> None:
+    results = {spec: redundant_step(spec) for spec in specs}
+    if int(os.environ["RANK"]) == 0:
+        out.write_text(json.dumps(results))
+    for i, mesh in enumerate(train_meshes):
+        ctx = init_distributed(ParallelConfig.parse(mesh))
+        m, t = redundant_train_configs()
+        tr = Trainer(m, t, Path(data), Path(run) / str(i), progress=False, parallel=ctx)  # type: ignore[arg-type]
+        skew_router(tr.model)
+        tr.run()
+
+
+def redundant_step(spec: str) -> dict:
+    from nanoseek.parallel.redundant import expert_replicas
+
+    pc = ParallelConfig.parse(spec)
+    ctx = init_distributed(pc)
+    cfg = model_config()
+    torch.manual_seed(0)
+    B, S = 8, 16
+    x = torch.randint(0, cfg.vocab_size, (B, S + 1))
+    ref = build(cfg, torch.float32, "cpu").train()
+    skew_router(ref)
+    ref_out = ref(x[:, :-1], labels=x[:, 1:])
+    ref_out.loss.backward()
+    model = build(cfg, torch.float32, "cpu").train()
+    model.load_state_dict(ref.state_dict())
+    parallelize(model, ctx)
+    replicas = expert_replicas(model)
+    W, r = ctx.world_size, ctx.rank
+    xs = x[r * B // W:(r + 1) * B // W]
+    dispatches = [b.mlp.dispatch for b in [*model.model.layers, *model.mtp] if hasattr(b.mlp, "dispatch")]
+    with torch.no_grad():  # without a plan: every expert once, on its owner
+        load = model(xs[:, :-1], labels=xs[:, 1:]).expert_load
+    before = [d.take().expert_rows for d in dispatches]  # this rank's expert rows per MoE layer
+    replicas.observe(ctx.all_gather(load.transpose(0, 1).contiguous()).transpose(0, 1))  # plans at once
+    o = model(xs[:, :-1], labels=xs[:, 1:])
+    o.loss.backward()
+    taken = [d.take() for d in dispatches]
+    after, sent = [t.expert_rows for t in taken], sum(t.replica_bytes for t in taken)
+    loss = ctx.all_reduce(o.loss.detach().clone()) / W
+    grads = {}
+    for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters(), strict=True):
+        g = q.grad.full_tensor()
+        grads[name] = ((g - p.grad).norm() / p.grad.norm().clamp_min(1e-30)).item()
+    # the formula: every slot of another ep rank that holds one of this rank's experts receives its weights
+    plan, local = replicas.plan, cfg.n_routed_experts // pc.ep
+    slots = plan.phy2log.view(plan.phy2log.shape[0], pc.ep, -1)
+    mine = slots // local == ctx.ep_rank
+    mine[:, ctx.ep_rank] = False
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+    gathered = ctx.all_gather(torch.tensor([before + after + [sent, int(mine.sum()) * expert_bytes]],
+                                           dtype=torch.float64))
+    n = len(dispatches)
+    return {"loss": loss.item(), "ref_loss": ref_out.loss.item(), "grad_rel": grads,
+            "rows_before": gathered[:, :n].tolist(), "rows_after": gathered[:, n:2 * n].tolist(),
+            "replica_bytes": gathered[:, 2 * n].tolist(), "formula_bytes": gathered[:, 2 * n + 1].tolist(),
+            "logcnt": plan.logcnt.tolist(), "phy2log": plan.phy2log.tolist()}
+
+
+def redundant_train_configs() -> tuple[ModelConfig, TrainConfig]:
+    """The training runs of the redundant-experts test: 4 steps, one evaluation and one checkpoint, at the end."""
+    return train_configs(4, eval_every=4, ckpt_every=4)
+
+
 def has_e(prompt: str, completion: str, **_) -> float:
     """A reward a random model earns sometimes (tests/rl/test_grpo.py's)."""
     return float("e" in completion)
@@ -290,5 +367,8 @@ if __name__ == "__main__":
         scenario_pipeline(out, sys.argv[3:])
     elif kind == "hang":
         sys.exit(scenario_hang())
+    elif kind == "redundant":
+        a = sys.argv[3:]
+        scenario_redundant(out, a[0].split("+"), *a[1:3], tuple(a[3:]))
     else:
         raise SystemExit(f"unknown scenario {kind}")
