@@ -44,8 +44,10 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -193,13 +195,39 @@ class _BodyLimit:
 
 
 # ---- one generation seen from the event loop ------------------------------------------------------------------
+class _Mailbox:
+    """Snapshots from the engine thread to the event loop in batches: the first one posted after the loop emptied
+    the box schedules the delivery of all that arrive until it runs, so a step that updates 32 streams costs one
+    wake-up of the loop (one self-pipe write), not 32."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue[Progress], Progress]] = []
+        self._lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue[Progress], upd: Progress) -> None:  # engine thread
+        with self._lock:
+            self._items.append((queue, upd))
+            if len(self._items) > 1:  # a delivery is already scheduled
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _deliver(self) -> None:  # the loop
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, upd in items:
+            queue.put_nowait(upd)
+
+
 class _Watch:
     """Engine-thread updates of one choice's request, delivered as `Progress` snapshots to the request's
     asyncio.Queue on the server's loop (final_only: just the last one, carrying all the log-probs)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Progress], index: int,
-                 final_only: bool) -> None:
-        self.loop, self.queue, self.index, self.final_only = loop, queue, index, final_only
+    def __init__(self, mailbox: _Mailbox, queue: asyncio.Queue[Progress], index: int, final_only: bool) -> None:
+        self.mailbox, self.queue, self.index, self.final_only = mailbox, queue, index, final_only
         self.sent = 0  # log-prob entries already in a snapshot
         self.first = True
 
@@ -212,10 +240,7 @@ class _Watch:
         self.first = False
         upd = Progress(self.index, req.stable_text(req.params.stop), len(req.output_ids), req.finish_reason,
                        req.stop_text is not None, new, prompt)
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, upd)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
+        self.mailbox.post(self.queue, upd)
 
 
 class _SSE(StreamingResponse):
@@ -343,6 +368,7 @@ def build_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | No
         return model_card()
 
     spell = TokenSpeller(tokenizer)
+    mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
 
     def params(body: BaseBody, n_prompt: int, default_max: int | None) -> SamplingParams:
         return sampling_params(body, n_prompt, model_name=model_name, max_len=engine.max_len,
@@ -354,10 +380,12 @@ def build_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | No
         one queue."""
         queue: asyncio.Queue[Progress] = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        if (mailbox := mailboxes.get(loop)) is None:
+            mailbox = mailboxes[loop] = _Mailbox(loop)
         reqs: list[Request] = []
         try:
             for j in range(n):
-                watch = _Watch(loop, queue, j, final_only=not stream)
+                watch = _Watch(mailbox, queue, j, final_only=not stream)
                 reqs.append(runner.submit(prompt, choice_params(sp, j), metrics.track(watch.on_update)))
         except ValueError as e:
             raise APIError(400, str(e), param, "invalid_value") from e
@@ -397,24 +425,30 @@ def build_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | No
         every choice finished; an error event if one of them fails."""
         async def events() -> AsyncIterator[str]:
             with_usage = {"usage": None} if include_usage else {}
-            for choice in first:
-                yield _sse({**head, "choices": [choice], **with_usage})
+            if first:  # at once (the role), before the first token
+                yield "".join(_sse({**head, "choices": [choice], **with_usage}) for choice in first)
+            out: list[str] = []
             n_output = [0] * len(reqs)
-            left = len(reqs)
-            while left:
-                upd = await queue.get()
-                if (err := finish_error(upd.finish_reason)) is not None:
-                    yield _sse(err.body())
-                    break
-                for choice in chunks(upd):
-                    yield _sse({**head, "choices": [choice], **with_usage})
-                if upd.finish_reason is not None:
-                    n_output[upd.index] = upd.n_output
-                    left -= 1
-            else:
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": usage(len(reqs[0].prompt_ids), sum(n_output))})
-            yield "data: [DONE]\n\n"
+            left, failed = len(reqs), False
+            while left and not failed:
+                ups = [await queue.get()]
+                while not queue.empty():  # whatever else has arrived goes out in the same write
+                    ups.append(queue.get_nowait())
+                for upd in ups:
+                    if (err := finish_error(upd.finish_reason)) is not None:
+                        out.append(_sse(err.body()))
+                        failed = True
+                        break
+                    out += [_sse({**head, "choices": [choice], **with_usage}) for choice in chunks(upd)]
+                    if upd.finish_reason is not None:
+                        n_output[upd.index] = upd.n_output
+                        left -= 1
+                if out:
+                    yield "".join(out)
+                    out = []
+            if include_usage and not failed:
+                out.append(_sse({**head, "choices": [], "usage": usage(len(reqs[0].prompt_ids), sum(n_output))}))
+            yield "".join(out) + "data: [DONE]\n\n"
 
         def close() -> None:
             for req in reqs:

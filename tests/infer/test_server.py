@@ -3,6 +3,7 @@ client, raw HTTP for malformed requests and disconnects."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -15,10 +16,10 @@ import openai
 import pytest
 from infer_helpers import run_threads, running_server, tiny_model_and_tokenizer, wait_until
 
-from nanoseek.infer.api import ThinkDelta
+from nanoseek.infer.api import Progress, ThinkDelta
 from nanoseek.infer.chat import encode_chat, encode_prompt, render_chat, split_think
 from nanoseek.infer.engine import Engine, SamplingParams
-from nanoseek.infer.server import build_app
+from nanoseek.infer.server import _Mailbox, build_app
 
 KEY = "test-key"
 MODEL = "nanoseek-tiny"
@@ -155,6 +156,58 @@ def test_concurrent_clients_get_independent_answers(srv):
     # continuous batching: fewer decode forwards than tokens decoded (requests shared forwards)
     decoded = srv.engine.stats.generated_tokens - generated - len(prompts)  # the first token comes from prefill
     assert srv.engine.stats.decode_forwards - forwards < decoded
+
+
+def test_concurrent_streams_equal_their_solo_answers(srv):
+    """8 clients streaming at once: the engine thread hands a step's updates to the event loop in one batch and a
+    stream sends what has piled up in one write, yet each stream is the role chunk, then content that joins to the
+    answer the prompt gets alone, then the finish reason."""
+    prompts = [f"Stream {i}: " + "write " * i + ["a stack", "a trie", "heapq", "glob"][i % 4] for i in range(8)]
+    results: dict[int, tuple[list, str]] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def client(i: int) -> None:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        barrier.wait()
+        chunks = list(c.chat.completions.create(model=MODEL, messages=user(prompts[i]), max_tokens=24,
+                                                temperature=0, stream=True, extra_body={"ignore_eos": True}))
+        results[i] = chunks, "".join(ch.choices[0].delta.content or "" for ch in chunks)
+
+    errors = run_threads(client, len(prompts), timeout=60)
+    assert not errors, errors
+    for i, p in enumerate(prompts):
+        chunks, content = results[i]
+        text, finish, _ = reference(srv, encode_chat(user(p), srv.tok), max_new_tokens=24, ignore_eos=True)
+        assert content == text, i
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert [ch.choices[0].finish_reason for ch in chunks] == [None] * (len(chunks) - 1) + [finish]
+        assert len(chunks) > 3  # streamed in pieces, not as one answer
+
+
+def test_mailbox_delivers_in_order_with_one_wakeup_per_batch():
+    loop = asyncio.new_event_loop()
+    wakeups = []
+    real = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *a: (wakeups.append(1), real(*a))[1]  # type: ignore[method-assign]
+    box = _Mailbox(loop)
+    queues = [asyncio.Queue() for _ in range(4)]
+
+    def drain(n: int) -> list[list[int]]:
+        async def take() -> list[list[int]]:
+            return [[(await q.get()).n_output for _ in range(n)] for q in queues]
+        return loop.run_until_complete(take())
+
+    try:
+        for step in range(2):  # posted while the loop is busy elsewhere (here: not running): one delivery each
+            for t in range(50):
+                for j, q in enumerate(queues):
+                    box.post(q, Progress(j, "", 50 * step + t, None))
+            assert len(wakeups) == step + 1
+            assert drain(50) == [list(range(50 * step, 50 * step + 50))] * 4
+            assert all(q.empty() for q in queues)
+    finally:
+        loop.close()
+    box.post(queues[0], Progress(0, "", 0, None))  # a closed loop: dropped quietly (nobody is listening)
 
 
 def test_stop_string_non_streaming_and_streaming(srv):
