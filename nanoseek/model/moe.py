@@ -59,7 +59,6 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
         # ---- rollout routing replay (RL; nanoseek.rl.grpo, nanoseek.infer.engine): see `forward`
         self.replay: torch.Tensor | None = None
-        self.record: list[torch.Tensor] | None = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
@@ -95,15 +94,13 @@ class Gate(nn.Module):
         w, idx = self.route(s)
         # ---- rollout routing replay: `replay` [T,K] (set by `routing_hooks`) forces these experts on the next
         # forwards (rows of -1 keep the router's own choice); the weights are the current affinities at them, so
-        # the router still gets gradients. `record` collects the experts each forward used.
+        # the router still gets gradients. (Recording the experts used is a forward hook: `routing_hooks`.)
         if self.replay is not None:
             if self.replay.shape != idx.shape:
                 raise ValueError(f"routing replay holds {tuple(self.replay.shape)} expert indices for "
                                  f"{tuple(idx.shape)} routed tokens")
             idx = torch.where((self.replay < 0).any(-1, keepdim=True), idx, self.replay)
             w = self.weights_at(s, idx)
-        if self.record is not None:
-            self.record.append(idx.detach())
         return w, idx, s
 
 
@@ -332,13 +329,18 @@ def routing_hooks(gates: Sequence[Gate], replay: Sequence[torch.Tensor | None] |
     if len(replay) != len(gates):
         raise ValueError(f"routing replay for {len(replay)} MoE layers, the model routes in {len(gates)}")
     logs: list[list[torch.Tensor]] = [[] for _ in gates]
+    handles = []
     for g, r, log in zip(gates, replay, logs, strict=True):
-        g.replay, g.record = r, (log if record else None)
+        g.replay = r
+        if record:  # the experts the forward used: Gate.forward's second output
+            handles.append(g.register_forward_hook(lambda _m, _a, out, log=log: log.append(out[1].detach())))
     try:
         yield logs
     finally:
+        for h in handles:
+            h.remove()
         for g in gates:
-            g.replay = g.record = None
+            g.replay = None
 
 
 @torch.no_grad()
