@@ -41,7 +41,7 @@ class GRPOConfig:
     routing_replay: bool = False  # run the training forwards with the experts the rollout routed each token to
     old_logprobs: Literal["trainer", "rollout", "recompute"] = "trainer"
     # MTP distillation weight (the module learns the main head's next-next token distribution on the completions,
-    # only the MTP module is trained by it); None: 0.3 in one process, 0 (not yet supported) under --parallel
+    # only the MTP module is trained by it); None: 0.3 (0 for a model without MTP modules)
     mtp_lambda: float | None = param(None, NON_NEGATIVE)
     ref_refresh_every: int = param(400, POSITIVE)
     eval_every: int = param(10, POSITIVE)

@@ -26,7 +26,8 @@ held-out evaluation drafts with it and logs heldout_mtp_acceptance.
 Distributed (`parallel`, a rank of a torchrun launch): the policy that is trained is parallelized (FSDP2 / EP,
 nanoseek.parallel); each rank keeps a whole copy of it for its rollouts (the engine runs in-process, without
 collectives), refreshed from the trained shards after every update, and samples its share of the step's questions
-with the seeds the single-process run gives them; the losses are normalised over the global batch.
+with the seeds the single-process run gives them; the losses (the MTP distillation's too: MTP module 1 is sharded
+like the blocks) are normalised over the global batch, the metrics summed over the ranks.
 
 The run / save / resume / signal code is the pre-training Trainer's (nanoseek.train.loop.RunLoop). With
 `max_minutes` the run is time-budgeted: it stops when the next training step would exceed the budget (evaluation and
@@ -55,7 +56,7 @@ from ..infer.engine import Engine, SamplingParams
 from ..io.paths import TOKENIZER_FILES
 from ..model import Transformer
 from ..model.moe import routing_hooks
-from ..parallel import ParallelContext, parallelize
+from ..parallel import ParallelContext, clip_grad_norm, parallelize
 from ..train.checkpoint import load_latest, load_latest_sharded
 from ..train.loop import RunLoop, TimeBudget
 from ..train.metrics import MetricsLog, read_metrics
@@ -132,11 +133,8 @@ class GRPOTrainer(RunLoop):
                               f"(pre-training and SFT do); use redundant=0")
         if cfg.questions_per_step % self.world:
             raise ConfigError(f"questions_per_step={cfg.questions_per_step} does not split over {self.world} ranks")
-        if parallel is not None and cfg.mtp_lambda:
-            raise ConfigError("mtp_lambda > 0 (MTP training during GRPO) runs in one process only; set mtp_lambda=0")
-        # MTP module 1 keeps drafting for the policy as it changes (see _forward); not yet under --parallel
-        self.mtp_lambda = (0.0 if parallel is not None or not len(model.mtp) else
-                           0.3 if cfg.mtp_lambda is None else cfg.mtp_lambda)
+        # MTP module 1 keeps drafting for the policy as it changes (see _mtp_distill)
+        self.mtp_lambda = 0.0 if not len(model.mtp) else 0.3 if cfg.mtp_lambda is None else cfg.mtp_lambda
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         resumed = load_latest(self.ckpt_root) if resume and parallel is None else None
@@ -265,7 +263,11 @@ class GRPOTrainer(RunLoop):
         second completion token on). Distillation, not cross-entropy on the sampled tokens: the same objective in
         expectation at temperature 1 (the tokens are samples of p_main), without the sampling noise, and at any
         temperature the target whose argmax greedy drafting must match. The main model's hidden states, embedding
-        and head enter detached: only the MTP module learns, the policy's trajectory is the GRPO update's alone."""
+        and head enter detached: only the MTP module learns, the policy's trajectory is the GRPO update's alone.
+        Distributed: the block is its own FSDP2 unit (nanoseek.parallel.parallelize), gathered by this call and kept
+        gathered for its output norm; with no input that needs a gradient, its gradients are reduced by the root's
+        end-of-backward callback. Its experts dispatch over "ep" like the main blocks' (every rank runs the same
+        number of these forwards and backwards)."""
         block = model.mtp[0]
         S = ids.shape[1] - 1
         P = model.positions(S, device=ids.device)
@@ -330,9 +332,10 @@ class GRPOTrainer(RunLoop):
         t_logprob = time.time()
         # the aggregation's normaliser over the global batch (all ranks): sequences (grpo, dr_grpo) or tokens (dapo);
         # FSDP averages the ranks' gradients, so each rank's share is scaled by the world size
-        n_all, active = self._sum(float(N), float(sum(len(c) for _, c in seqs)))
+        # (and of the MTP loss: the tokens MTP module 1 drafts for)
+        n_all, active, mtp_all = self._sum(float(N), float(sum(len(c) for _, c in seqs)),
+                                           float(sum(len(c) - 1 for _, c in seqs)))
         mtp_on = self.mtp_lambda > 0
-        mtp_all = float(sum(len(c) - 1 for _, c in seqs))  # the tokens MTP module 1 drafts for
         stats: dict[str, float] = {}
         match = {"diff_max": 0.0, "diff_sum": 0.0, "diff_n": 0.0, "ratio_dev": 0.0, "route_tok": 0.0,
                  "route_dec": 0.0, "route_n": 0.0, "mtp_loss": 0.0, "mtp_agree": 0.0, "ent": 0.0}
@@ -371,7 +374,7 @@ class GRPOTrainer(RunLoop):
                 w = (m.sum().item() / active if cfg.aggregation == "dapo" else len(chunk) / n_all) * self.world
                 total = loss * w
                 if f.mtp_loss is not None and mtp_all > 0:
-                    total = total + self.mtp_lambda * f.mtp_loss * (f.mtp_tokens / mtp_all)
+                    total = total + self.mtp_lambda * f.mtp_loss * (f.mtp_tokens / mtp_all * self.world)
                     match["mtp_loss"] += f.mtp_loss.item() * f.mtp_tokens / mtp_all / cfg.mu
                     match["mtp_agree"] += f.mtp_agree / mtp_all / cfg.mu
                 total.backward()
@@ -392,6 +395,7 @@ class GRPOTrainer(RunLoop):
             lengths = self.par.all_gather(lengths)
             stats = {k: v / self.world for k, v in zip(stats, self._sum(*stats.values()), strict=True)}
             sums, ent_n = list(self._sum(*sums)), self._sum(ent_n)[0]
+            match["mtp_loss"], match["mtp_agree"] = self._sum(match["mtp_loss"], match["mtp_agree"])
             diff_max, ratio_dev = (self.par.all_reduce(torch.tensor([diff_max, ratio_dev]), "max")).tolist()
         ent_sum, diff_sum, diff_n, route_tok, route_dec, route_n = sums
         acc, fmt = self._sum(sum(s[1] for s in scored), sum(s[2] for s in scored))
@@ -444,6 +448,8 @@ class GRPOTrainer(RunLoop):
         gnorm = self._clip_grads(self.model, self.cfg.grad_clip)
         for p, g in zip(mtp, grads, strict=True):
             p.grad = g
+        if self.par is not None:
+            return gnorm, clip_grad_norm(self.model, self.cfg.grad_clip, self.par, params=mtp)
         return gnorm, torch.nn.utils.clip_grad_norm_(mtp, self.cfg.grad_clip).item()
 
     @torch.no_grad()

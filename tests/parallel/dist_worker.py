@@ -2,7 +2,8 @@
 
 step MESH...      one forward/backward of a small MoE model per mesh vs the same model in this process: loss and
                   every gradient; EP traffic vs the routing it came from (node-limited routing)
-grpo MESH TOKENIZER RUN   a few GRPO steps with the policy parallelized (rollouts on each rank's copy)
+grpo MESH[+MESH...] TOKENIZER RUN   per MESH, a few GRPO steps (MTP distillation on) with the policy parallelized
+                  (rollouts on each rank's copy), in RUN/MESH; its trained weights in RUN/MESH/final.safetensors
 pipeline SCHED... each pipeline schedule against one process (loss, gradients, expert loads)
 hang              rank 1 stops answering (the others must give up within the timeout)
 redundant MESH[+MESH...] [DATA RUN TRAIN_MESH...]   per MESH, one step with redundant experts (planned from the
@@ -251,26 +252,31 @@ def grpo_setup(tokenizer_path: str):
                   torch.float32, "cpu")
     cfg = GRPOConfig(task="arithmetic", task_knobs={"digits": 1}, steps=3, questions_per_step=4, group_size=4,
                      max_new_tokens=8, eval_n=6, eval_every=3, ckpt_every=2, lr=1e-5, mu=2, micro_batch=3, beta=0.01,
-                     temperature=1.0)
+                     temperature=1.0, mtp_lambda=0.5)
     return tok, model, cfg
 
 
-def scenario_grpo(out: Path, spec: str, tokenizer_path: str, run: str) -> None:
+def scenario_grpo(out: Path, specs: list[str], tokenizer_path: str, run: str) -> None:
+    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from nanoseek.rl.grpo import GRPOTrainer
 
-    ctx = init_distributed(ParallelConfig.parse(spec))
-    tok, model, cfg = grpo_setup(tokenizer_path)
-    tr = GRPOTrainer(model, tok, cfg, run, progress=False, reward_fn=has_e, parallel=ctx)
-    before = {k: v.clone() for k, v in tr.rollout_model.state_dict().items()}
-    tr.run()
-    trained = get_model_state_dict(tr.model, options=StateDictOptions(full_state_dict=True))
-    rollout = tr.rollout_model.state_dict()
-    res = {"rollout_equals_policy": all(torch.equal(rollout[k], v) for k, v in trained.items()),
-           "rollout_moved": any(not torch.equal(before[k], rollout[k]) for k in before)}
+    results = {}
+    for spec in specs:
+        ctx = init_distributed(ParallelConfig.parse(spec))
+        tok, model, cfg = grpo_setup(tokenizer_path)
+        tr = GRPOTrainer(model, tok, cfg, Path(run) / spec, progress=False, reward_fn=has_e, parallel=ctx)
+        before = {k: v.clone() for k, v in tr.rollout_model.state_dict().items()}
+        tr.run()
+        trained = get_model_state_dict(tr.model, options=StateDictOptions(full_state_dict=True))
+        rollout = tr.rollout_model.state_dict()
+        results[spec] = {"rollout_equals_policy": all(torch.equal(rollout[k], v) for k, v in trained.items()),
+                         "rollout_moved": any(not torch.equal(before[k], rollout[k]) for k in before)}
+        if ctx.is_main:
+            save_file({k: v.contiguous() for k, v in trained.items()}, Path(run) / spec / "final.safetensors")
     if ctx.is_main:
-        out.write_text(json.dumps(res))
+        out.write_text(json.dumps(results))
 
 
 def scenario_pipeline(out: Path, schedules: list[str]) -> None:
@@ -362,7 +368,7 @@ if __name__ == "__main__":
         a = sys.argv[3:]
         scenario_train(out, a[0], a[1], a[2], int(a[3]), int(a[4]) if len(a) > 4 else None)
     elif kind == "grpo":
-        scenario_grpo(out, *sys.argv[3:6])
+        scenario_grpo(out, sys.argv[3].split("+"), *sys.argv[4:6])
     elif kind == "pipeline":
         scenario_pipeline(out, sys.argv[3:])
     elif kind == "hang":

@@ -169,7 +169,8 @@ def test_fp8_training_under_fsdp2(data_dir, tmp_path):
 
 def test_sft_from_a_sharded_checkpoint_matches_one_process(cli_run, tmp_path):
     """SFT (loss masks: assistant tokens only) initialised from a distributed run's sharded checkpoint, in one process
-    and on 2 ranks with EP: the same losses, and the same held-out loss over the assistant tokens."""
+    and on 2 ranks with EP: the same losses (the MTP module's too: it is trained on the assistant tokens, sharded like
+    the blocks), and the same held-out loss over the assistant tokens."""
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {a}+{b}?"},
                                                      {"role": "assistant", "content": str(a + b)}]}) + "\n"
@@ -179,9 +180,11 @@ def test_sft_from_a_sharded_checkpoint_matches_one_process(cli_run, tmp_path):
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     torchrun(2, "-m", "nanoseek", *args, "--out", str(tmp_path / "two"), "--parallel", "ep=2")
     for kind in ("train", "eval"):
-        key = "loss" if kind == "train" else "heldout_loss"
+        keys = ("loss", "mtp_loss") if kind == "train" else ("heldout_loss",)
         for x, y in zip(records(tmp_path / "one", kind), records(tmp_path / "two", kind), strict=True):
-            assert rel(y[key], x[key]) < 1e-5, (kind, x["step"], y[key], x[key])
+            for key in keys:
+                assert rel(y[key], x[key]) < 1e-5, (kind, x["step"], key, y[key], x[key])
+    assert all(r["mtp_loss"] > 0 and r["mtp_lambda"] > 0 for r in records(tmp_path / "two"))
 
 
 def test_sigkill_and_resume_logs_the_uninterrupted_losses(data_dir, cli_run, tmp_path):
@@ -273,22 +276,16 @@ def test_sharded_checkpoints_resume_reshard_and_export(data_dir, tmp_path):
         load_checkpoint(list_checkpoints(a / "checkpoints")[-1])
 
 
-def test_grpo_training_side_matches_one_process(tmp_path):
-    """GRPO with the policy under EP x FSDP on 2 ranks: each rank samples half of the step's questions with the
-    seeds the single process gives them, so rewards, the clipped-ratio statistics and the held-out accuracy are the
-    single-process run's."""
-    from dist_worker import grpo_setup, has_e
+@pytest.mark.parametrize("mesh", ["ep=2", "dp=2"])
+def test_grpo_training_side_matches_one_process(grpo_runs, mesh):
+    """GRPO with the policy under EP x FSDP (ep=2) and FSDP (dp=2) on 2 ranks (one launch): each rank samples half
+    of the step's questions with the seeds the single process gives them, so rewards, the clipped-ratio statistics
+    and the held-out accuracy are the single-process run's; MTP module 1, sharded like the blocks, is distilled on
+    each rank's share with the single process's losses, gradient norms and weights."""
+    from safetensors.torch import load_file
 
-    from nanoseek.data import stdlib_sources, train_tokenizer
-    from nanoseek.rl.grpo import GRPOTrainer
-
-    texts = [p.read_text(errors="ignore") for p in stdlib_sources()[:40]]
-    train_tokenizer(texts, vocab_size=300, show_progress=False).save(tmp_path / "tokenizer.json")
-    tok, model, cfg = grpo_setup(str(tmp_path / "tokenizer.json"))
-    GRPOTrainer(model, tok, cfg, tmp_path / "one", progress=False, reward_fn=has_e).run()
-    torchrun(2, WORKER, "grpo", str(tmp_path / "r.json"), "ep=2", str(tmp_path / "tokenizer.json"),
-             str(tmp_path / "two"))
-    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    tmp_path, one_weights, init = grpo_runs
+    one, two = records(tmp_path / "one"), records(tmp_path / "two" / mesh)
     assert [r["step"] for r in two] == [1, 2, 3]
     for x, y in zip(one, two, strict=True):
         for k in ("reward_mean", "accuracy", "completion_len", "all_equal_groups"):
@@ -298,15 +295,44 @@ def test_grpo_training_side_matches_one_process(tmp_path):
         # terms: compared absolutely)
         for k in ("entropy", "grad_norm"):
             assert rel(y[k], x[k]) < 1e-4, (x["step"], k, y[k], x[k])
-        for k in ("loss", "kl", "clip_frac"):
+        for k in ("loss", "kl", "clip_frac", "mtp_loss", "mtp_agree", "mtp_grad_norm"):
             if k in x:
                 assert abs(y[k] - x[k]) < 1e-5, (x["step"], k, y[k], x[k])
+        assert x["mtp_loss"] > 0 and x["mtp_grad_norm"] > 0
     # each rank's rollout copy holds the trained policy after every update
-    res = json.loads((tmp_path / "r.json").read_text())
+    res = json.loads((tmp_path / "r.json").read_text())[mesh]
     assert res == {"rollout_equals_policy": True, "rollout_moved": True}
     assert [r["heldout_accuracy"] for r in records(tmp_path / "one", "eval")] == [
-        r["heldout_accuracy"] for r in records(tmp_path / "two", "eval")]
-    assert (list_checkpoints(tmp_path / "two" / "checkpoints")[-1] / "ref.safetensors").is_file()
+        r["heldout_accuracy"] for r in records(tmp_path / "two" / mesh, "eval")]
+    assert (list_checkpoints(tmp_path / "two" / mesh / "checkpoints")[-1] / "ref.safetensors").is_file()
+    # the trained weights, MTP module included, are the single process's (measured: 1e-7); its MTP weights moved by
+    # more than that tolerance (6e-5), so a run that skipped the MTP update would fail
+    two_weights = load_file(tmp_path / "two" / mesh / "final.safetensors")
+    assert two_weights.keys() == one_weights.keys()
+    for k, v in one_weights.items():
+        assert (two_weights[k] - v).abs().max() < 1e-5, k
+    assert max((two_weights[k] - init[k]).abs().max() for k in init if k.startswith("mtp.")) > 3e-5
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(tmp_path_factory):
+    """The GRPO runs of test_grpo_training_side_matches_one_process: one process, then ep=2 and dp=2 in one launch.
+    Returns (their directory, the single process's trained weights, the initial weights)."""
+    from dist_worker import grpo_setup, has_e
+
+    from nanoseek.data import stdlib_sources, train_tokenizer
+    from nanoseek.rl.grpo import GRPOTrainer
+
+    tmp_path = tmp_path_factory.mktemp("grpo")
+    texts = [p.read_text(errors="ignore") for p in stdlib_sources()[:40]]
+    train_tokenizer(texts, vocab_size=300, show_progress=False).save(tmp_path / "tokenizer.json")
+    tok, model, cfg = grpo_setup(str(tmp_path / "tokenizer.json"))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    tr = GRPOTrainer(model, tok, cfg, tmp_path / "one", progress=False, reward_fn=has_e)
+    tr.run()
+    torchrun(2, WORKER, "grpo", str(tmp_path / "r.json"), "ep=2+dp=2", str(tmp_path / "tokenizer.json"),
+             str(tmp_path / "two"))
+    return tmp_path, tr.model.state_dict(), init
 
 
 # ---- pipeline parallelism ----------------------------------------------------------------------------------------
