@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from nanoseek.model import ModelConfig
+from nanoseek.model import ModelConfig, Transformer
 
 YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -20,6 +20,25 @@ def tiny_config(**overrides) -> ModelConfig:
     )
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def train_periodic(steps: int = 80, **overrides) -> tuple[Transformer, torch.Tensor]:
+    """(a tiny model trained on a periodic sequence, the 13-token cycle): both the main head and the MTP head learn
+    it, so its next-token distributions are peaked, as a trained model's are."""
+    torch.manual_seed(1)
+    m = Transformer(tiny_config(initializer_range=0.02, **overrides))
+    cycle = torch.randperm(m.config.vocab_size)[:13]
+    seq = cycle.repeat(8)[:96]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(steps):
+        starts = torch.randint(0, 13, (4,))
+        x = torch.stack([seq[s : s + 64] for s in starts])
+        y = torch.stack([seq[s + 1 : s + 65] for s in starts])
+        loss = m(x, labels=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval(), cycle
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,8 @@ from ..model.moe import grouped_linear
 from .quant import BLOCK, dequantize_weight_block, quantize_weight_block
 
 FP8_DTYPE = torch.float8_e4m3fn
-_BITS = {torch.float8_e4m3fn: torch.uint8, torch.float32: torch.int32}  # same-size integer views
+_BITS = {torch.float8_e4m3fn: torch.uint8, torch.float32: torch.int32,  # same-size integer views
+         torch.bfloat16: torch.int16, torch.int8: torch.int8}  # (the last two: nanoseek.fp8.int8)
 
 
 def _blocks(n: int) -> int:

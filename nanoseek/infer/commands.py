@@ -19,16 +19,29 @@ from .runner import EngineRunner
 
 
 def load_for_inference(args: argparse.Namespace) -> tuple[Transformer, Tokenizer, Path]:
-    """The model, tokenizer and checkpoint path of `args.checkpoint` (a checkpoint, or a run whose newest valid
-    checkpoint is taken). The checkpoint is checked against its manifest unless `args.verify` is False; a broken
-    checkpoint, or weights holding NaN / infinity, end the program with one line naming the file or tensor."""
+    """The model, tokenizer and checkpoint path of `args.checkpoint` (a checkpoint, a run whose newest valid
+    checkpoint is taken, or a GGUF file with its embedded tokenizer). The checkpoint is checked against its manifest
+    unless `args.verify` is False; a broken checkpoint, or weights holding NaN / infinity, end the program with one
+    line naming the file or tensor. `--fp8-weights` / `--int8-weights` pick the weight format."""
     from .. import load
     from ..io import CheckpointError
 
+    fp8, int8 = getattr(args, "fp8_weights", False), getattr(args, "int8_weights", False)
+    if fp8 and int8:
+        raise SystemExit("nanoseek: --fp8-weights and --int8-weights are two weight formats: choose one")
     verify = getattr(args, "verify", True)
-    ckpt = resolve_checkpoint(args.checkpoint, verify=verify)  # verified here: not again by load
-    tok = load_tokenizer(ckpt, args.tokenizer)
-    kwargs = {"keep_fp8": True} if getattr(args, "fp8_weights", False) else {}
+    if Path(args.checkpoint).suffix == ".gguf" and Path(args.checkpoint).is_file():
+        from ..io.gguf import read_gguf_tokenizer
+
+        ckpt = Path(args.checkpoint)
+        try:
+            tok = load_tokenizer(ckpt.parent, args.tokenizer) if args.tokenizer else read_gguf_tokenizer(ckpt)
+        except CheckpointError as e:
+            raise SystemExit(f"nanoseek: {e}") from None
+    else:
+        ckpt = resolve_checkpoint(args.checkpoint, verify=verify)  # verified here: not again by load
+        tok = load_tokenizer(ckpt, args.tokenizer)
+    kwargs = {"keep_fp8": fp8, "int8": int8}
     try:
         model = load(ckpt, dtype=torch.float32, device=args.device, verify=False, **kwargs)
     except CheckpointError as e:
@@ -205,7 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("checkpoint", metavar="CKPT", help="checkpoint dir (HF layout) or a training output dir")
+        p.add_argument("checkpoint", metavar="CKPT",
+                       help="checkpoint dir (HF layout), a training output dir, or a llama.cpp GGUF file")
         p.add_argument("--tokenizer", help="tokenizer.json (default: the one in CKPT)")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--cache", choices=["latent", "naive"], default="latent",
@@ -217,6 +231,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first steps)")
         p.add_argument("--fp8-weights", action="store_true",
                        help="keep an FP8 checkpoint's weights in FP8, dequantised per block on the fly")
+        p.add_argument("--int8-weights", action="store_true",
+                       help="hold every matrix as int8 codes with per-row scales, read by an int8 GEMV "
+                            "(nanoseek.fp8.int8; ~1 byte per weight per decode step, as a Q8_0 GGUF)")
 
     def sampling(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-tokens", type=int, default=256)

@@ -3,6 +3,7 @@
     from nanoseek.io.gguf import write_gguf, read_gguf, read_gguf_tokenizer
     write_gguf(model, "model.gguf", tokenizer, "q8_0")     # f32 | f16 | bf16 | q8_0
     model = read_gguf("model.gguf")                         # or nanoseek.load("model.gguf"); dequantised to fp32
+    model = read_gguf("model.gguf", int8=True)              # int8 codes per row, int8 GEMV (nanoseek.fp8.int8)
     tok = read_gguf_tokenizer("model.gguf")
 
 The file holds every tensor under llama.cpp's name (gguf-py's TENSOR_NAMES for DEEPSEEK2), every hyper-parameter its
@@ -329,7 +330,7 @@ def write_gguf(
     bad = [n for n, t in tensors.items() if not t.dtype.is_floating_point or t.dtype.itemsize == 1]
     if bad:
         raise GGUFError(f"tensor {bad[0]} is {tensors[bad[0]].dtype}: load the model in high precision "
-                        f"(without keep_fp8) to export it")
+                        f"(without keep_fp8 or int8) to export it")
     w = gguf.GGUFWriter(None, ARCH)
     w.add_name(name)
     w.add_file_type(_file_type(qtype))
@@ -485,10 +486,15 @@ def read_gguf_config(path: str | os.PathLike[str], reader: gguf.GGUFReader | Non
 
 def read_gguf(
     path: str | os.PathLike[str], dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    int8: bool = False,
 ) -> Transformer:
     """A Transformer from a deepseek2 GGUF (F32 / F16 / BF16 / Q8_0 tensors, dequantised). Every tensor is checked
     (present, shape, type, finite) before the model is built; MTP modules missing from a file whose
-    nextn_predict_layers says otherwise are dropped with a warning, as llama.cpp's converter omits them."""
+    nextn_predict_layers says otherwise are dropped with a warning, as llama.cpp's converter omits them.
+
+    `int8`: the model of `nanoseek.fp8.int8.quantize_int8`, each matrix quantised per output channel as it is read
+    (one tensor at a time in fp32, never the whole model). From a Q8_0 file this re-quantises: Q8_0 has a scale per
+    32 weights, int8 one per row, so each weight moves by at most half a step of its row's scale."""
     import gguf
 
     p = Path(path)
@@ -519,7 +525,13 @@ def read_gguf(
     if problems:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise GGUFError(f"{p}: does not match its {ARCH} hyper-parameters:\n  " + "\n  ".join(problems[:20]) + more)
-    model = build(cfg, dtype, device, init=False)
+    if int8:
+        from ..fp8.int8 import quantize_int8, quantize_rows
+
+        model = quantize_int8(build(cfg, dtype, "meta"))  # structure only: nothing allocated yet
+        model.to_empty(device=torch.device(device or "cpu"))
+    else:
+        model = build(cfg, dtype, device, init=False)
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     by_param: dict[str, dict[str | None, torch.Tensor]] = {}
@@ -536,7 +548,12 @@ def read_gguf(
             parts = by_param[s.param]
             if s.part is None or len(parts) == 2:
                 dst = tensors[s.param]
-                dst.copy_(_from_gguf(parts, cfg).to(dst.dtype))
+                if dst.dtype == torch.int8:  # int8: codes here, per-row scales in PARAM_scale
+                    q, scale = quantize_rows(_from_gguf(parts, cfg))
+                    dst.copy_(q)
+                    tensors[s.param + "_scale"].copy_(scale)
+                else:
+                    dst.copy_(_from_gguf(parts, cfg).to(dst.dtype))
                 del by_param[s.param]
     return model.eval()
 

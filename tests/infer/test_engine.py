@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, train_periodic
 
 from nanoseek import preset
 from nanoseek.infer.cache import KVCache, kv_values_per_token
@@ -98,25 +98,6 @@ def test_cancel_frees_slot(model):
     assert not eng.has_work()
 
 
-def _train_periodic(steps: int = 80) -> Transformer:
-    """A tiny model trained on a periodic sequence: both the main head and the MTP head learn it."""
-    torch.manual_seed(1)
-    cfg = tiny_config(initializer_range=0.02)
-    m = Transformer(cfg)
-    cycle = torch.randperm(cfg.vocab_size)[:13]
-    seq = cycle.repeat(8)[:96]
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    for _ in range(steps):
-        starts = torch.randint(0, 13, (4,))
-        x = torch.stack([seq[s : s + 64] for s in starts])
-        y = torch.stack([seq[s + 1 : s + 65] for s in starts])
-        loss = m(x, labels=y).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval(), cycle
-
-
 @pytest.mark.parametrize("cache", ["latent", "naive"])
 def test_speculative_greedy_equals_plain_greedy(model, cache):
     params = SamplingParams(max_new_tokens=15, ignore_eos=True)
@@ -128,7 +109,7 @@ def test_speculative_greedy_equals_plain_greedy(model, cache):
 
 
 def test_speculative_accepts_drafts_of_a_trained_model():
-    m, cycle = _train_periodic()
+    m, cycle = train_periodic()
     prompt = cycle[:5].tolist()
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
     plain_eng = Engine(m, max_batch=2, max_len=64)
@@ -184,7 +165,7 @@ def test_compiled_decode_equals_eager(model):
 @pytest.mark.slow
 def test_compiled_speculative_equals_plain_greedy():
     """The compiled verify (2-token static step) and MTP draft graphs: the plain greedy tokens, drafts accepted."""
-    m, cycle = _train_periodic()
+    m, cycle = train_periodic()
     prompts = [cycle[:5].tolist(), cycle[3:10].tolist(), cycle[1:4].tolist()]
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
     plain = Engine(m, max_batch=2, max_len=64).generate(prompts, params)
