@@ -301,9 +301,10 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     from .recipes.speedrun import speedrun
 
     sets = (list(FP8_RECIPE) if args.fp8 else []) + list(args.set or [])
+    # --sft-steps / --grpo-minutes unset: the recipe's defaults (nanoseek.recipes.posttrain)
+    post = {k: v for k, v in {"sft_steps": args.sft_steps, "grpo_minutes": args.grpo_minutes}.items() if v is not None}
     s = speedrun(Path(args.out), args.preset, args.minutes, args.data or None, args.max_chars, args.steps,
-                 sets, args.seed, post_train=not args.no_post_train, sft_steps=args.sft_steps,
-                 grpo_minutes=args.grpo_minutes, overwrite=args.overwrite)
+                 sets, args.seed, post_train=not args.no_post_train, overwrite=args.overwrite, **post)
     print(json.dumps(s, indent=2))
     return 0
 
@@ -451,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--fp8", action="store_true", help=FP8_HELP)
     p.add_argument("--no-post-train", action="store_true", help="stop after pre-training (no SFT / GRPO)")
-    p.add_argument("--sft-steps", type=int, default=600)
-    p.add_argument("--grpo-minutes", type=float, default=5.0)
+    p.add_argument("--sft-steps", type=int, help="SFT steps (default: the recipe's, kept short to leave GRPO room)")
+    p.add_argument("--grpo-minutes", type=float, help="GRPO budget, minutes of training steps (default: the recipe's)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier speedrun in --out")
     p.set_defaults(func=cmd_speedrun)
 

@@ -1,9 +1,9 @@
 """The speedrun's post-training stages: teacher traces -> SFT -> GRPO, with held-out accuracy after each stage.
 
 The task is chained one-digit addition / subtraction ("Compute 5 - 8 + 8", `nanoseek.rl.tasks` arithmetic with
-digits=1, n_operands=3, ops="+-"): a problem space of 4,000 questions with a fixed held-out split of a few hundred,
-hard enough that a tiny model half-solves it after SFT, which is where RL with a verifiable reward
-helps (R1 §2.2, §4.1).
+digits=1, n_operands=3, ops="+-"): a problem space of 4,000 questions with a fixed held-out split of a few hundred.
+SFT is kept short (SFT_STEPS) so that the tiny model half-solves the task after it, which is where RL with a
+verifiable reward helps (R1 §2.2, §4.1); GRPO then runs for GRPO_MINUTES of training steps.
 The teacher is a program that writes short step-by-step traces in the R1 format:
 `<think>5 - 8 = -3. -3 + 8 = 5.</think> <answer>5</answer>`.
 """
@@ -27,6 +27,11 @@ from ..train.sft import SFT_DEFAULTS, prepare_sft
 from ..train.trainer import Trainer
 
 TASK_KNOBS: dict[str, Any] = {"digits": 1, "n_operands": 3, "ops": "+-"}
+# SFT stops early on purpose: 600 steps reach ~90% held-out accuracy and leave GRPO nothing to show; 400 leave the
+# model near half-way (~55%), where a few hundred GRPO steps sharpen the skill by 10+ points (R1 §4.1); 300 (~35%)
+# leave it too weak for GRPO to improve within minutes (trials in docs/post_training.md)
+SFT_STEPS = 400
+GRPO_MINUTES = 5.0
 
 
 def teacher_trace(problem: Problem) -> str:
@@ -72,7 +77,7 @@ def stage_eval(model: Transformer, tok: Tokenizer, n: int, heldout_text: Path | 
     return row
 
 
-def post_train(out: Path, init: Path, tok: Tokenizer, sft_steps: int = 600, grpo_minutes: float = 5.0,
+def post_train(out: Path, init: Path, tok: Tokenizer, sft_steps: int = SFT_STEPS, grpo_minutes: float = GRPO_MINUTES,
                seed: int = 0, eval_n: int = 200, progress: bool = True,
                heldout_text: Path | None = None) -> dict[str, Any]:
     """SFT on teacher traces from `init`, then GRPO for `grpo_minutes`; returns the accuracies and run paths.

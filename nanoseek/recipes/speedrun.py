@@ -25,6 +25,8 @@ from ..model.stats import model_stats
 from ..train.config import TrainConfig, apply_overrides
 from ..train.loop import TimeBudget
 from ..train.trainer import Trainer
+from .posttrain import GRPO_MINUTES, SFT_STEPS
+from .posttrain import post_train as run_post_train
 
 STAGE_DIRS = ("data", "pretrain", "post")  # what a speedrun writes under its --out (besides report.md, summary.json)
 REPORT_SECONDS = 75  # kept out of the pre-training budget for the evaluation and the report
@@ -36,7 +38,7 @@ def speedrun(
     out: Path = Path("runs/speedrun"), preset_name: str = "tiny", minutes: float = 10.0,
     sources: list[str] | None = None, max_chars: int | None = 12_000_000, steps: int | None = None,
     sets: list[str] | None = None, seed: int = 0, fim_cases: int = 100, post_train: bool = True,
-    sft_steps: int = 600, grpo_minutes: float = 5.0, post_eval_n: int = 200, overwrite: bool = False,
+    sft_steps: int = SFT_STEPS, grpo_minutes: float = GRPO_MINUTES, post_eval_n: int = 200, overwrite: bool = False,
 ) -> dict[str, Any]:
     """`minutes` budgets the pre-training; the post-training stages (SFT on teacher traces, then GRPO for
     `grpo_minutes`, see nanoseek.recipes.posttrain) come after it unless `post_train=False`. An `out` that holds
@@ -101,7 +103,6 @@ def speedrun(
     }
     if post_train:
         from ..io.paths import resolve_checkpoint
-        from .posttrain import post_train as run_post_train
 
         print(f"[post] SFT on teacher traces ({sft_steps} steps), then GRPO ({grpo_minutes:g} minutes)")
         summary["post"] = run_post_train(out / "post", resolve_checkpoint(out / "pretrain"), tok, sft_steps,

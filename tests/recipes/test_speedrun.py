@@ -1,5 +1,7 @@
 """`nanoseek speedrun` drives its pre-training by the time budget (no step plan from timed first steps)."""
 
+import inspect
+
 import pytest
 
 from nanoseek.config import ConfigError
@@ -38,3 +40,20 @@ def test_speedrun_pretraining_is_time_budgeted(tmp_path, monkeypatch):
         sr.speedrun(tmp_path / "b", minutes=3, max_chars=60_000, steps=40, sets=["vocab_size=512"], post_train=False,
                     overwrite=True)
     assert not (tmp_path / "b" / "data" / "marker").exists()
+
+
+def test_cli_leaves_the_post_training_defaults_to_the_recipe(monkeypatch):
+    """`nanoseek speedrun` without --sft-steps / --grpo-minutes runs the recipe's defaults (a short SFT that leaves
+    GRPO room, nanoseek.recipes.posttrain); given, they reach the recipe."""
+    from nanoseek.cli import main
+    from nanoseek.recipes import posttrain
+
+    params = inspect.signature(sr.speedrun).parameters
+    assert params["sft_steps"].default == posttrain.SFT_STEPS
+    assert params["grpo_minutes"].default == posttrain.GRPO_MINUTES
+    calls = []
+    monkeypatch.setattr(sr, "speedrun", lambda *a, **kw: calls.append(kw) or {})
+    assert main(["speedrun", "--out", "unused"]) == 0
+    assert "sft_steps" not in calls[-1] and "grpo_minutes" not in calls[-1]
+    assert main(["speedrun", "--out", "unused", "--sft-steps", "50", "--grpo-minutes", "2.5"]) == 0
+    assert (calls[-1]["sft_steps"], calls[-1]["grpo_minutes"]) == (50, 2.5)
