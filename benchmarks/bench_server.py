@@ -13,9 +13,10 @@ tokenizer.json (or pass --tokenizer).
 The engine row runs the same N requests through a second `Engine` over the same weights (its own cache, same slots),
 called directly with `engine.generate` (no HTTP, no engine thread): the throughput the server is measured against.
 Rounds alternate engine / sequential / concurrent, so the three are taken side by side.
-Reported per mode (median over rounds, after one warm-up round): total wall time, requests/s, generated tokens/s
-and mean / max request latency; whether the concurrent answers equal the sequential ones and the engine's; and the
-server's concurrent throughput as a fraction of the engine's.
+Reported per mode (median over rounds, after one warm-up round): total wall time, requests/s, generated tokens/s,
+mean / max request latency and the CPU time of the server's process (or the engine's) and of the clients' process
+(on a machine with few cores they share them); whether the concurrent answers equal the sequential ones and the
+engine's; and the server's concurrent throughput as a fraction of the engine's.
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ def _client_process(conn: Connection) -> None:
     while (job := conn.recv()) is not None:
         mode, port, ps, new_tokens, stream = job
         try:
-            conn.send((run_sequential if mode == "sequential" else run_concurrent)(port, ps, new_tokens, stream))
+            cpu = time.process_time()
+            wall, res = (run_sequential if mode == "sequential" else run_concurrent)(port, ps, new_tokens, stream)
+            conn.send((wall, res, time.process_time() - cpu))
         except Exception as e:
             conn.send(RuntimeError(f"{mode} clients failed: {e!r}"))
 
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     clients = mp.get_context("spawn").Process(target=_client_process, args=(theirs,), daemon=True)
     clients.start()
 
-    def run_clients(mode: str) -> tuple[float, list]:
+    def run_clients(mode: str) -> tuple[float, list, float]:
         ours.send((mode, port, ps, args.new_tokens, args.stream))
         got = ours.recv()
         if isinstance(got, Exception):
@@ -210,16 +213,19 @@ def main(argv: list[str] | None = None) -> dict:
     modes = ("engine", "sequential", "concurrent")
     walls: dict[str, list[float]] = {m: [] for m in modes}
     runs: dict[str, list[list]] = {m: [] for m in modes}
+    cpus: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}  # (this process, the clients' process)
     try:
         for r in range(args.rounds + 1):  # round 0 warms up
             for mode in modes:
+                cpu = time.process_time()  # every thread of this process: engine, event loop, OpenMP workers
                 if mode == "engine":
-                    wall, res = run_engine(reference, ps, args.new_tokens)
+                    (wall, res), clients_cpu = run_engine(reference, ps, args.new_tokens), 0.0
                 else:
-                    wall, res = run_clients(mode)
+                    wall, res, clients_cpu = run_clients(mode)
                 if r:
                     walls[mode].append(wall)
                     runs[mode].append(res)
+                    cpus[mode].append((time.process_time() - cpu, clients_cpu))
     finally:
         ours.send(None)
         clients.join(30)
@@ -233,7 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "torch": torch.__version__, "python": sys.version.split()[0]},
         "args": {k: v for k, v in vars(args).items() if k != "json"},
         "params": sum(p.numel() for p in model.parameters()),
-        **{m: summarize(walls[m], runs[m]) for m in modes},
+        **{m: summarize(walls[m], runs[m]) | {"cpu_s": statistics.median(c[0] for c in cpus[m]),
+                                               "clients_cpu_s": statistics.median(c[1] for c in cpus[m])}
+           for m in modes},
         "same_answers": same,
     }
     results["speedup"] = results["sequential"]["wall_s"] / results["concurrent"]["wall_s"]
@@ -243,15 +251,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model {args.model} ({results['params'] / 1e6:.1f}M parameters), {args.clients} requests of "
           f"{args.prompt_tokens} prompt + {args.new_tokens} generated tokens, median of {args.rounds} rounds, "
           f"{results['machine']}")
-    print("| mode | wall s | requests/s | generated tok/s | mean latency s | max latency s |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | wall s | requests/s | generated tok/s | mean latency s | max latency s | CPU s: server (engine) "
+          "| CPU s: clients |")
+    print("|---|---|---|---|---|---|---|---|")
     labels = {"engine": f"engine alone, {args.clients} requests", "sequential": "server, one at a time",
               "concurrent": f"server, {args.clients} concurrent clients"}
     for mode in modes:
         m = results[mode]
         label = labels[mode]
         print(f"| {label} | {m['wall_s']:.2f} | {m['requests_per_s']:.2f} | {m['generated_tok_per_s']:.1f} | "
-              f"{m['mean_latency_s']:.2f} | {m['max_latency_s']:.2f} |")
+              f"{m['mean_latency_s']:.2f} | {m['max_latency_s']:.2f} | {m['cpu_s']:.2f} | {m['clients_cpu_s']:.2f} |")
     print(f"concurrent vs one at a time: {results['speedup']:.2f}x wall time; server (concurrent) / engine "
           f"throughput: {results['server_vs_engine']:.1%}; same answers: {same}")
     if args.json:
