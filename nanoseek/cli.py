@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--fp8", action="store_true", help=FP8_HELP)
     p.add_argument("--no-post-train", action="store_true", help="stop after pre-training (no SFT / GRPO)")
-    p.add_argument("--sft-steps", type=int, help="SFT steps (default: the recipe's, kept short to leave GRPO room)")
+    p.add_argument("--sft-steps", type=int, help="SFT steps (default: the recipe's)")
     p.add_argument("--grpo-minutes", type=float, help="GRPO budget, minutes of training steps (default: the recipe's)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier speedrun in --out")
     p.set_defaults(func=cmd_speedrun)

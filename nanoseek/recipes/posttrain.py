@@ -2,8 +2,8 @@
 
 The task is chained one-digit addition / subtraction ("Compute 5 - 8 + 8", `nanoseek.rl.tasks` arithmetic with
 digits=1, n_operands=3, ops="+-"): a problem space of 4,000 questions with a fixed held-out split of a few hundred.
-SFT is kept short (SFT_STEPS) so that the tiny model half-solves the task after it, which is where RL with a
-verifiable reward helps (R1 §2.2, §4.1); GRPO then runs for GRPO_MINUTES of training steps.
+SFT runs SFT_STEPS steps, then GRPO GRPO_MINUTES of training steps; RL with a verifiable reward helps most where
+SFT leaves the task half-solved (R1 §2.2, §4.1; docs/post_training.md has trials of a shorter SFT).
 The teacher is a program that writes short step-by-step traces in the R1 format:
 `<think>5 - 8 = -3. -3 + 8 = 5.</think> <answer>5</answer>`.
 """
@@ -27,10 +27,9 @@ from ..train.sft import SFT_DEFAULTS, prepare_sft
 from ..train.trainer import Trainer
 
 TASK_KNOBS: dict[str, Any] = {"digits": 1, "n_operands": 3, "ops": "+-"}
-# SFT stops early on purpose: 600 steps reach ~90% held-out accuracy and leave GRPO nothing to show; 400 leave the
-# model near half-way (~55%), where a few hundred GRPO steps sharpen the skill by 10+ points (R1 §4.1); 300 (~35%)
-# leave it too weak for GRPO to improve within minutes (trials in docs/post_training.md)
-SFT_STEPS = 400
+# SFT steps: 600 reach ~90% held-out accuracy, leaving GRPO little to add (+3 points); a shorter SFT (400: ~56-66%)
+# gave GRPO +13 points on one seed and -3 on another (docs/post_training.md), so it is not the default yet
+SFT_STEPS = 600
 GRPO_MINUTES = 5.0
 
 
