@@ -52,7 +52,7 @@ from torch import nn
 
 from ..model import Experts, Transformer
 from ..model.moe import GATHER_LIMIT, swiglu
-from .weights import Fp8Experts, Fp8WeightLinear, _FixedDtypeBuffers
+from .weights import Fp8Experts, Fp8WeightLinear, _FixedDtypeBuffers, _QuantizedLinear
 
 INT8_MAX = 127
 SCALE_DTYPE = torch.bfloat16  # the kernel takes the scales in the activations' dtype
@@ -96,7 +96,7 @@ def _check_in_features(in_features: int, what: str) -> None:
                          f"needs (torch.ops.aten._weight_int8pack_mm loads 8-16 values at a time)")
 
 
-class Int8Linear(_FixedDtypeBuffers):
+class Int8Linear(_QuantizedLinear):
     """Inference Linear over a per-channel int8 weight: y = x (q * s)^T + b (see the module docstring).
 
     Buffers `weight` (int8 [out, in]) and `weight_scale` (bf16 [out]); the optional bias stays in high precision.
@@ -114,20 +114,7 @@ class Int8Linear(_FixedDtypeBuffers):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
 
-    @classmethod
-    def from_linear(cls, lin: nn.Linear) -> Int8Linear:
-        """The int8 copy of `lin` (per-channel scales; structure only on the meta device)."""
-        w = lin.weight
-        new = cls(lin.in_features, lin.out_features, lin.bias is not None, device=w.device,
-                  dtype=lin.bias.dtype if lin.bias is not None else None)
-        if w.device.type != "meta":
-            with torch.no_grad():
-                q, s = quantize_rows(w)
-                new.weight.copy_(q)
-                new.weight_scale.copy_(s)
-                if lin.bias is not None:
-                    new.bias.copy_(lin.bias)
-        return new
+    quantize = staticmethod(quantize_rows)  # W -> q, s per output channel
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole weight W = q * s in `dtype` (also what MLA's absorbed form multiplies by, see kv_b_weight)."""

@@ -63,7 +63,28 @@ class _FixedDtypeBuffers(nn.Module):
                 self._buffers[name] = self._buffers[name].view(dt)
 
 
-class Fp8WeightLinear(_FixedDtypeBuffers):
+class _QuantizedLinear(_FixedDtypeBuffers):
+    """An inference Linear whose weight is held as `_fixed` = (codes, scales), made by the subclass's
+    `quantize(W) -> (codes, scales)`."""
+
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> _QuantizedLinear:
+        """The quantised copy of `lin`. On the meta device only the structure is made (the loader fills it)."""
+        w = lin.weight
+        new = cls(lin.in_features, lin.out_features, lin.bias is not None, device=w.device,  # type: ignore[call-arg]
+                  dtype=lin.bias.dtype if lin.bias is not None else None)
+        if w.device.type != "meta":
+            with torch.no_grad():
+                for name, t in zip(cls._fixed, cls.quantize(w.detach()), strict=True):
+                    getattr(new, name).copy_(t)
+                if lin.bias is not None:
+                    new.bias.copy_(lin.bias)
+        return new
+
+
+class Fp8WeightLinear(_QuantizedLinear):
     """Inference Linear over a block-scaled FP8 weight: y = x (q * scale_inv)^T + b, dequantised per forward.
 
     Buffers `weight` (float8_e4m3fn [out, in]) and `weight_scale_inv` (fp32 [ceil(out/128), ceil(in/128)]) have
@@ -82,21 +103,7 @@ class Fp8WeightLinear(_FixedDtypeBuffers):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
 
-    @classmethod
-    def from_linear(cls, lin: nn.Linear) -> Fp8WeightLinear:
-        """The block-quantised copy of `lin` (W -> q, scale_inv with scale_inv = amax(block) / 448). On the meta
-        device only the structure is made (the loader fills it)."""
-        w = lin.weight
-        new = cls(lin.in_features, lin.out_features, lin.bias is not None, device=w.device,
-                  dtype=lin.bias.dtype if lin.bias is not None else None)
-        if w.device.type != "meta":
-            with torch.no_grad():
-                q, s = quantize_weight_block(w.detach())
-                new.weight.copy_(q)
-                new.weight_scale_inv.copy_(s)
-                if lin.bias is not None:
-                    new.bias.copy_(lin.bias)
-        return new
+    quantize = staticmethod(quantize_weight_block)  # W -> q, scale_inv with scale_inv = amax(block) / 448
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole weight W = q * scale_inv (per 128x128 block) in `dtype`."""
