@@ -3,27 +3,36 @@ about one byte per weight, as llama.cpp reading a Q8_0 GGUF does (34 bytes per 3
 
 A weight W [out, in] is held as `weight` (int8 [out, in]) and `weight_scale` (bf16 [out]), symmetric per output
 channel:  W ≈ q * s,  s = amax|W_row| / 127,  q = round(W / s) in [-127, 127]. Forward for up to GEMV_ROWS rows on
-the CPU (decode steps) is torch's int8 weight-only kernel:
+the CPU (decode steps) is one of two kernels; only the int8 codes come from memory in either:
 
-    y = bf16( bf16(x) (q * s)^T )  in x's dtype          torch.ops.aten._weight_int8pack_mm
+    large matrices (>= FBGEMM_MIN_CODES, a module's own weight), fbgemm's int8 x int8 GEMM (x86):
+        x = m (hi + lo / 126) per row, m = amax|x_row| / 63, hi and lo integers in [-63, 63]   (two 7-bit parts)
+        y = m (hi (q s)^T + lo (q s)^T / 126)                   one GEMM of 2 rows, int32 sums, fp32 out
+    the rest (and every routed expert, read as a view of the stack):
+        y = bf16( bf16(x) (q * s)^T )  in x's dtype              torch.ops.aten._weight_int8pack_mm
 
-which converts the codes to fp32 8 (AVX2) or 16 (AVX512) at a time, multiplies by the scale and accumulates in fp32
-against the activations rounded to bf16; only the int8 codes come from memory. More rows (prefill chunks, bound by
-compute) and other devices take the reference: y = x (q * s)^T in x's dtype, the weight dequantised per forward.
+More rows (prefill chunks, bound by compute) and other devices take the reference: y = x (q * s)^T in x's dtype,
+the weight dequantised per forward.
 
-Why this kernel (2-core AMD EPYC, AVX2, torch 2.13, batch 1, one thread; `benchmarks/bench_llama.py` for models):
-- with bf16 activations it turns ~4-5 G codes/s into fp32 products per core, so it is bound by its arithmetic, not
-  by memory: on matrices larger than the caches 2-3x faster than the fp32 GEMV (the 32000x512 head of `small`:
-  3.6 ms against 9.9 ms), as fast as it on matrices that stay in them;
-- with fp32 or fp16 activations the same op runs a scalar loop (slower than the fp32 GEMV);
-- torch._int_mm (int8 activations) is a scalar loop too (15 ms for the head); torch.compile of
-  (x * q.float()).sum(-1) * s fuses into one loop over the codes, but inductor's int8 loads and single accumulator
-  took 30-34 ms; dequantise-then-GEMM reads the codes and writes and reads fp32 (used only for prefill).
-Numerics: the rounding of x and y to bf16 (at most 2^-8 relative each) is all that separates the output from the
-dequantised fp32 reference: 0.25% relative per layer, against ~1% for int8's own rounding of the weights. On the
-speedrun checkpoints the decode-step top-1 agrees with the reference's at 98.8-99.3% of held-out positions (the
-reference with the fp32 model's at 98.9-99.5%): greedy output is unchanged except where two tokens (or two
-experts) are within that rounding of each other, and from there it differs (tests/fp8/test_int8.py; BENCHMARKS.md).
+Why these kernels (2-core AMD EPYC, AVX2, torch 2.13, batch 1; `benchmarks/bench_llama.py` for models):
+- _weight_int8pack_mm converts the codes to fp32 8 (AVX2) or 16 (AVX512) at a time against bf16 activations:
+  ~4-5 G codes/s per core, bound by its arithmetic, not by memory; with fp32 or fp16 activations it runs a scalar
+  loop. On small matrices it is the fastest thing here (16-28 us for `small`'s 512-wide ones, two threads).
+- fbgemm multiplies bytes by bytes (AVX2 vpmaddubsw) and runs near memory speed on large matrices: the 32000x512
+  head of `small`, read cold, 1.6 ms against 3.1 ms (two threads); it costs ~50 us a call whatever the size, hence
+  the threshold. Its own dynamic quantisation (per tensor, 7 bits) left 1.3-14% relative error (an outlier
+  channel); the two-part split above leaves ~1e-4. Packing is fbgemm's layout, a second copy of the matrix made on
+  first use (and again when the codes change in place): the large matrices are held twice, the codes for
+  checkpoints and the reference. torch.ao's quantised tensors are deprecated: without them (or on other CPUs)
+  every matrix takes the first kernel.
+- torch._int_mm (int8 activations) is a scalar loop (15 ms for the head); torch.compile of
+  (x * q.float()).sum(-1) * s took 30-34 ms; dequantise-then-GEMM reads the codes and writes and reads fp32.
+Numerics: fbgemm's output is the dequantised reference up to the activations' split (~1e-4 relative); the bf16
+kernel's differs by the rounding of x and y to bf16 (at most 2^-8 relative each): 0.25% relative per layer,
+against ~1% for int8's own rounding of the weights. On the speedrun checkpoints the decode-step top-1 agrees with
+the reference's at 98.8-99.3% of held-out positions (the reference with the fp32 model's at 98.9-99.5%): greedy
+output is unchanged except where two tokens (or two experts) are within that rounding of each other, and from
+there it differs (tests/fp8/test_int8.py; BENCHMARKS.md).
 
 The kernel needs in_features to be a multiple of 16 (rows are loaded 8 or 16 values at a time, aligned); every
 preset qualifies, other shapes are refused by name. Int8 modules are for inference: no gradients flow.
@@ -34,11 +43,11 @@ step reads one row of it), as do the norms and the MoE router (F32 in the GGUF t
 (V2 §2.1.2: W_UK folded into the query, W_UV into the output) multiplies by kv_b_proj's matrix per head: it is
 dequantised in each forward (a cache-sized temporary; the int8 codes are what is read from memory).
 
-Routed experts (Int8Experts, V3 §2.1.2) run the GEMV per expert on its tokens' rows, so a batch-1 decode step reads
-the codes of its K routed experts only: eagerly a loop over the experts that got rows, on views of their codes (one
-custom op); in a compiled decode step with few rows each row's expert codes are gathered (a cache-sized copy, under
-moe.GATHER_LIMIT codes in all, as the fp32 decode gathers) and the GEMVs unrolled, so that the graph holds no
-data-dependent Python (the custom op's Python round trip cost `tiny` half its compiled speed).
+Routed experts (Int8Experts, V3 §2.1.2) run the GEMV per expert on its tokens' rows, on views of its codes, so a
+batch-1 decode step reads the codes of its K routed experts only: a decode step's few tokens one (token, expert)
+pair at a time (moe.unrolled_experts; in a compiled step the expert index is a graph integer and the view's offset
+is computed in the graph), more rows a loop over the experts that got rows (one custom op). An earlier compiled
+form copied each token's experts' codes out (a gather): it cost `small` a third of its step.
 
     model = quantize_int8(nanoseek.load(path))            # in place; Engine(model) (compile=True too) as usual
     model = nanoseek.load("model-q8_0.gguf", int8=True)   # Q8_0's blocks re-quantised per channel, no fp32 model
@@ -46,12 +55,15 @@ data-dependent Python (the custom op's Python round trip cost `tiny` half its co
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..model import Experts, Transformer
-from ..model.moe import GATHER_LIMIT, swiglu
+from ..model.moe import swiglu
 from .weights import Fp8Experts, Fp8WeightLinear, _FixedDtypeBuffers, _QuantizedLinear
 
 INT8_MAX = 127
@@ -90,6 +102,56 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tens
     return F.linear(x, dequantize_rows(q, s, x.dtype))
 
 
+# fbgemm's int8 x int8 GEMM (torch.ao's quantized linear, x86) for a module's own large matrices, where it runs at
+# memory speed; on smaller ones its per-call cost exceeds the bf16 kernel's whole time (measured: tens of us)
+FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_prepack")
+FBGEMM_MIN_CODES = 1 << 20
+ACT_MAX = 63.0  # activations as 7-bit integers (fbgemm's AVX2 u8 x s8 pair sums stay below int16's limit)
+_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight codes -> (their version, fbgemm's packed copy)
+
+
+def _packed(q: torch.Tensor, s: torch.Tensor) -> torch.ScriptObject:
+    """fbgemm's packed form of W = q * s, made on first use and again after q changed in place."""
+    hit = _packs.get(q)
+    if hit is None or hit[0] != q._version:
+        with warnings.catch_warnings():  # torch.ao's quantised tensors are deprecated in favour of torchao
+            warnings.simplefilter("ignore")
+            zero = torch.zeros(q.shape[0], dtype=torch.long)
+            w = torch._make_per_channel_quantized_tensor(q, s.double(), zero, 0)
+        hit = (q._version, torch.ops.quantized.linear_prepack(w, None))
+        _packs[q] = hit
+    return hit[1]
+
+
+def _int8_fbgemm(xi: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """xi [n, in]: integers in [-ACT_MAX, ACT_MAX] (held in fp32) -> xi (q * s)^T [n, out] in fp32, computed
+    exactly in int32 by fbgemm (its input quantisation with scale 1 and zero point 64 is then lossless)."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(xi, 1.0, 64, _packed(q, s))
+
+
+# an operator for torch.compile to call (registered directly: torch.library.custom_op's wrapper cost ~40 us a call)
+_lib = torch.library.Library("nanoseek", "FRAGMENT")
+_lib.define("int8_fbgemm(Tensor xi, Tensor q, Tensor s) -> Tensor")
+_lib.impl("int8_fbgemm", _int8_fbgemm, "CPU")
+torch.library.register_fake("nanoseek::int8_fbgemm", lambda xi, q, s: xi.new_empty(xi.shape[0], q.shape[0]),
+                            lib=_lib)
+
+
+def fbgemm_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] times W^T for W = q * s by fbgemm, the activations in two 7-bit integer parts per row: with
+    m = amax|x_row| / ACT_MAX, x = m (hi + lo / 2 ACT_MAX) up to m / (4 ACT_MAX); both parts go through the one GEMM
+    (the weights are read once). y = m (y_hi + y_lo / 2 ACT_MAX) in x's dtype."""
+    xf = x.float()
+    m = xf.abs().amax(dim=-1, keepdim=True) / ACT_MAX
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    xn = xf / m
+    hi = torch.round(xn)
+    lo = torch.round((xn - hi) * (2 * ACT_MAX))
+    y = torch.ops.nanoseek.int8_fbgemm(torch.cat((hi, lo)), q, s)
+    n = x.shape[0]
+    return ((y[:n] + y[n:] * (1 / (2 * ACT_MAX))) * m).to(x.dtype)
+
+
 def _check_in_features(in_features: int, what: str) -> None:
     if in_features % IN_MULTIPLE:
         raise ValueError(f"{what} = {in_features} is not a multiple of {IN_MULTIPLE}, which the int8 GEMV kernel "
@@ -121,7 +183,12 @@ class Int8Linear(_QuantizedLinear):
         return dequantize_rows(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_matmul(x, self.weight, self.weight_scale)
+        k = x.shape[-1]
+        rows = x.numel() // max(k, 1)
+        if FBGEMM and self.weight.numel() >= FBGEMM_MIN_CODES and x.device.type == "cpu" and 0 < rows <= GEMV_ROWS:
+            y = fbgemm_matmul(x.reshape(rows, k), self.weight, self.weight_scale).view(*x.shape[:-1], -1)
+        else:
+            y = int8_matmul(x, self.weight, self.weight_scale)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -191,28 +258,18 @@ class Int8Experts(_FixedDtypeBuffers):
         return (dequantize_rows(self.gate_up_proj, self.gate_up_proj_scale, dtype),
                 dequantize_rows(self.down_proj, self.down_proj_scale, dtype))
 
+    per_token_decode = True  # MoE runs a decode step's few tokens through `expert` (moe.unrolled_experts)
+
+    def expert(self, x: torch.Tensor, e: int | torch.SymInt) -> torch.Tensor:
+        """Expert e alone on the rows x [n, H]: a GEMV pair over views of its codes (no copy, also in a compiled
+        step, where e is an unbacked integer and the view's offset is computed in the graph)."""
+        h = int8_matmul(x, self.gate_up_proj[e], self.gate_up_proj_scale[e])
+        return int8_matmul(swiglu(h[:, : self.inter], h[:, self.inter :]), self.down_proj[e], self.down_proj_scale[e])
+
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted: tokens grouped by expert (counts[e] rows for expert e, in order) -> [N, H]."""
-        per_row = self.gate_up_proj[0].numel() + self.down_proj[0].numel()
-        if torch.compiler.is_compiling() and x_sorted.shape[0] * per_row <= GATHER_LIMIT:
-            return self._gathered(x_sorted, counts)
         return int8_experts(x_sorted, counts, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
                             self.down_proj_scale)
-
-    def _gathered(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The compiled decode step's form, without data-dependent Python: each row's expert codes copied out
-        (a cache-sized copy of the K chosen experts per token) and one GEMV pair per row, unrolled in the graph."""
-        n = x_sorted.shape[0]
-        expert = torch.repeat_interleave(torch.arange(self.n_experts, device=counts.device), counts, output_size=n)
-        gate_up, gate_up_scale = self.gate_up_proj[expert], self.gate_up_proj_scale[expert]
-        down, down_scale = self.down_proj[expert], self.down_proj_scale[expert]
-        xb = x_sorted.to(torch.bfloat16)
-        out = []
-        for j in range(n):
-            h = torch.ops.aten._weight_int8pack_mm(xb[j : j + 1], gate_up[j], gate_up_scale[j]).float()
-            a = swiglu(h[:, : self.inter], h[:, self.inter :]).to(torch.bfloat16)
-            out.append(torch.ops.aten._weight_int8pack_mm(a, down[j], down_scale[j]))
-        return torch.cat(out).to(x_sorted.dtype)
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, hidden={self.hidden}, inter={self.inter}, int8 per-channel"

@@ -24,10 +24,12 @@ import logging
 import math
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -194,6 +196,31 @@ class EngineStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The bound method over a copy of its code object: dynamo keeps compiled graphs per code object, so a copy
+    starts an empty cache of its own (no other engine's graphs, none from before `model_changed`)."""
+    f = method.__func__  # type: ignore[attr-defined]
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(g, method.__self__)  # type: ignore[attr-defined]
+
+
+def _scalars_captured(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` (a torch.compile'd step) called with dynamo capturing `.item()` as graph integers, which a trace (the
+    first call, or a recompilation) reads: a decode step's MoE indexes each token's experts' weights in place
+    (moe.unrolled_experts) instead of breaking the graph there. Set per call, not for the whole process."""
+    cfg = torch._dynamo.config
+
+    def call(*args: Any) -> Any:
+        old = cfg.capture_scalar_outputs
+        cfg.capture_scalar_outputs = True
+        try:
+            return fn(*args)
+        finally:
+            cfg.capture_scalar_outputs = old
+
+    return call
+
+
 class Engine:
     """Continuous-batching generator over a model with a preallocated KV cache (see module docstring).
 
@@ -235,15 +262,30 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.stats = EngineStats()
-        # compile: plain decode steps run a torch.compile'd forward of fixed shape (all max_batch slots, one token,
-        # attention over the whole cache), gpt-fast style; the first steps pay the compilation
-        # (with the final norm and the head inside the graph; cpp_wrapper drops the Python launcher on the CPU)
-        opts = {"cpp_wrapper": True} if self.device.type == "cpu" else None
-        self._compiled = torch.compile(self._static_decode, dynamic=False, options=opts) if compile else None
+        self.compile = compile
+        self.model_changed()
+
+    def model_changed(self) -> None:
+        """Compile the decode step anew at its next call (compile=True): call it after changing the model's modules
+        (swapping one, adding hooks, installing an EPLB plan). Weights changed in place need no call.
+
+        compile: plain decode steps run a torch.compile'd forward of fixed shape (all max_batch slots, one token,
+        attention over the whole cache), gpt-fast style; the first steps pay the compilation (with the final norm and
+        the head inside the graph; cpp_wrapper drops the Python launcher on the CPU). The compiled step does not
+        check the model's modules at each call (dynamo's ~1,300 guards on them cost 0.5-1 ms a step, half of
+        `tiny`'s), hence this method; each engine compiles its own copy of the step (its own cache of graphs)."""
+        self._compiled = self._compiled_draft = None
+        if not self.compile:
+            return
+        opts: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if self.device.type == "cpu":
+            opts["cpp_wrapper"] = True
+        self._compiled = _scalars_captured(torch.compile(_own_code(self._static_decode), dynamic=False, options=opts))
         # speculative: the verify step ([t, draft]: 2 tokens) is a second static shape of the same function; the
         # MTP draft over the last 1-2 positions its own graph
-        self._compiled_draft = (torch.compile(self._static_draft, dynamic=False, options=opts)
-                                if compile and speculative else None)
+        if self.speculative:
+            self._compiled_draft = _scalars_captured(
+                torch.compile(_own_code(self._static_draft), dynamic=False, options=opts))
 
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,

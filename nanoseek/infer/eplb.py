@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,8 @@ def _imbalance(gpu_load: torch.Tensor) -> list[float]:
 class Rebalancer:
     """Plans and installs redundant experts from the counts of an ExpertLoad (the server's /metrics hooks)."""
 
-    def __init__(self, model: Transformer, load: ExpertLoad, cfg: EPLBConfig) -> None:
+    def __init__(self, model: Transformer, load: ExpertLoad, cfg: EPLBConfig,
+                 on_install: Callable[[], None] | None = None) -> None:
         c = model.config
         self.n_slots = c.n_routed_experts + cfg.redundant
         if self.n_slots % cfg.gpus:
@@ -66,6 +68,7 @@ class Rebalancer:
         if cfg.gpus % cfg.nodes:
             raise ConfigError(f"--eplb: gpus={cfg.gpus} do not split over nodes={cfg.nodes}")
         self.model, self.load, self.cfg = model, load, cfg
+        self.on_install = on_install  # called after each plan is installed (the engine's model_changed)
         self.groups = c.n_group if c.n_group and c.n_routed_experts % c.n_group == 0 else 1
         self._base = load.snapshot()  # counts at the last plan
         self._lock = threading.Lock()
@@ -84,6 +87,8 @@ class Rebalancer:
             cfg = self.cfg
             plan = rebalance(window.double(), self.n_slots, self.groups, cfg.nodes, cfg.gpus)
             self._dispatch = install_plan(self.model, plan)
+            if self.on_install is not None:
+                self.on_install()
             self._base = now
             self.plans += 1
             self.last = {

@@ -287,13 +287,14 @@ def build_app(engine: Engine, tokenizer: Any, model_name: str, api_key: str | No
     runner = EngineRunner(engine)
     metrics = ServerMetrics(engine)  # its expert-load hooks sit on the model while the app runs
     created = int(time.time())
-    rebalancer = (Rebalancer(engine.model, metrics.expert_load, eplb)
+    rebalancer = (Rebalancer(engine.model, metrics.expert_load, eplb, on_install=engine.model_changed)
                   if eplb is not None and metrics.expert_load is not None else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if metrics.expert_load is not None:
             metrics.expert_load.attach()
+            engine.model_changed()  # hooks added: a step compiled before would not run them
         runner.start()
         replans = asyncio.create_task(rebalancer.run()) if rebalancer is not None else None
         try:

@@ -190,6 +190,11 @@ class Experts(nn.Module):
             return w1.to_local(), w2.to_local()  # type: ignore[union-attr]
         return w1, w2
 
+    def expert(self, x: torch.Tensor, e: int | torch.SymInt) -> torch.Tensor:
+        """Expert e alone on the rows x [n, H], its weights read in place (views of the stacks, no copy)."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(swiglu(gate, up), self.down_proj[e])
+
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted: tokens grouped by expert (counts[e] rows for expert e, in order)."""
         w1, w2 = self.weights()
@@ -200,6 +205,7 @@ class Experts(nn.Module):
 
 
 GATHER_LIMIT = 1 << 22  # gathered-expert path while the copied weights stay under 4M values (16 MiB fp32)
+UNROLL_LIMIT = 128  # per-pair path (int8 experts) up to this many (token, expert) pairs (one GEMV pair each)
 
 
 def gathered_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: Experts) -> torch.Tensor:
@@ -207,6 +213,24 @@ def gathered_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, 
     a decode step, cheaper than sorting and a grouped GEMM over mostly empty groups (gpt-fast's MoE decode)."""
     gate, up = torch.einsum("th,tkoh->tko", x, experts.gate_up_proj[idx]).chunk(2, dim=-1)
     y = torch.einsum("tki,tkhi->tkh", swiglu(gate, up), experts.down_proj[idx])
+    return torch.einsum("tk,tkh->th", weights.to(y.dtype), y)
+
+
+def unrolled_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+    """The same sum, one `experts.expert(x_t, e)` per (token, expert) pair with e read as an integer: each expert's
+    weights are read where they lie. In a compiled step e is an unbacked integer (the Engine lets dynamo capture
+    `.item()`), so the graph passes each GEMV a view at an offset computed from the index: no copy of the weights,
+    which gathering them costs (a step of `small` with int8 experts spent a third of its time copying codes). For
+    fp32 experts on this CPU (MKL) the gathered einsum stays faster: MoE uses this for int8 experts."""
+    T, K = idx.shape
+    ys = []
+    for t in range(T):
+        for k in range(K):
+            e = idx[t, k].item()
+            torch._check(e >= 0)
+            torch._check(e < experts.n_experts)
+            ys.append(experts.expert(x[t : t + 1], e))
+    y = torch.cat(ys).view(T, K, -1)
     return torch.einsum("tk,tkh->th", weights.to(y.dtype), y)
 
 
@@ -285,8 +309,11 @@ class MoE(nn.Module):
         B, S, H = x.shape
         xf = x.reshape(-1, H)
         w, idx, s = self.gate(xf)
-        if self._gather_ok(idx):
-            y = gathered_experts(xf, idx, w, self.experts)
+        if self._per_token(idx):
+            # high precision: one einsum over the gathered weights (measured faster, eager and compiled, than a GEMV
+            # per pair); int8 codes: a GEMV pair per (token, expert) pair on views of the codes
+            per_pair = type(self.experts) is not Experts
+            y = (unrolled_experts if per_pair else gathered_experts)(xf, idx, w, self.experts)
         else:
             y = self.dispatch(xf, idx, w, self.n_experts, self.experts)
         if self.shared_experts is not None:
@@ -296,12 +323,15 @@ class MoE(nn.Module):
             load.scatter_add_(1, idx.view(B, S * self.top_k), torch.ones(B, S * self.top_k, device=x.device))
         return y.view(B, S, H), MoEStats(load, self.balance_loss(s.view(B, S, -1)))
 
-    def _gather_ok(self, idx: torch.Tensor) -> bool:
-        """Inference on few tokens (decode) with plain high-precision experts (not a swapped-in subclass), all of them
-        in this process (not expert-parallel)."""
+    def _per_token(self, idx: torch.Tensor) -> bool:
+        """Inference on few tokens (decode) with plain high-precision experts (not a swapped-in training subclass) or
+        experts that declare a per-token decode (int8), all of them in this process (not expert-parallel)."""
         e = self.experts
-        return (not torch.is_grad_enabled() and type(e) is Experts and self.dispatch is dispatch_combine
-                and idx.numel() * e.gate_up_proj[0].numel() * 3 // 2 <= GATHER_LIMIT)
+        if torch.is_grad_enabled() or self.dispatch is not dispatch_combine:
+            return False
+        if type(e) is Experts:
+            return idx.numel() * e.gate_up_proj[0].numel() * 3 // 2 <= GATHER_LIMIT
+        return getattr(e, "per_token_decode", False) and idx.numel() <= UNROLL_LIMIT
 
     def balance_loss(self, s: torch.Tensor) -> torch.Tensor:
         """Complementary sequence-wise loss: alpha * sum_i f_i P_i per sequence, mean over sequences.

@@ -12,7 +12,10 @@ from torch import nn
 import nanoseek
 from nanoseek.cli import main
 from nanoseek.data import stdlib_sources, train_tokenizer
+from nanoseek.fp8 import int8
 from nanoseek.fp8.int8 import (
+    FBGEMM,
+    FBGEMM_MIN_CODES,
     GEMV_ROWS,
     Int8Experts,
     Int8Linear,
@@ -25,7 +28,7 @@ from nanoseek.fp8.weights import quantize_model_weights
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.io.gguf import read_gguf, write_gguf
 from nanoseek.model import Experts, Transformer
-from nanoseek.model.moe import dispatch_combine
+from nanoseek.model.moe import dispatch_combine, unrolled_experts
 
 BF16_U = 2.0**-8  # unit roundoff of bf16 (8 significant bits): rounding moves a value by at most this fraction
 
@@ -94,6 +97,33 @@ def test_int8_linear_decode_rows_are_the_bf16_kernel(rows, out_f, in_f, bias):
     assert not torch.equal(y, ref.float())  # the GEMV ran (the fp32 path would be exact)
 
 
+@pytest.mark.skipif(not FBGEMM, reason="fbgemm (x86) is not in this torch build")
+@pytest.mark.parametrize("rows", [1, 5])
+def test_large_int8_linear_runs_fbgemm_within_the_split_of_the_activations(rows):
+    """A matrix of FBGEMM_MIN_CODES codes or more: fbgemm's integer GEMM on the two 7-bit parts of each row, so
+    y - x_ref (q s)^T is bounded by the split's error, amax|x_row| / (63 * 252) per activation: far below the bf16
+    kernel's rounding (which this bound would catch). An outlier channel does not cost the other rows precision."""
+    torch.manual_seed(rows)
+    out_f, in_f = FBGEMM_MIN_CODES // 512, 512
+    lin = nn.Linear(in_f, out_f, bias=True)
+    q8 = Int8Linear.from_linear(lin)
+    x = torch.randn(rows, in_f)
+    x[:, 3] *= 40.0  # an outlier channel
+    x[-1] *= 1e-3  # a row a thousand times smaller
+    with torch.no_grad():
+        y = q8(x)
+    w = q8.dequantize().double()
+    ref = x.double() @ w.T + lin.bias.double()
+    bound = x.abs().amax(1, keepdim=True).double() / (63 * 252) * w.abs().sum(1) + 1e-5 * (x.double().abs() @ w.abs().T)
+    assert ((y.double() - ref).abs() <= bound).all()
+    assert q8.weight in int8._packs  # fbgemm's packed copy was made (and is reused)
+    # the codes changed in place (a checkpoint loaded into the module): packed again, the new weights used
+    other = Int8Linear.from_linear(nn.Linear(in_f, out_f, bias=True))
+    q8.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert (q8(x) - other(x)).abs().max() == 0
+
+
 def test_int8_linear_prefill_rows_are_the_fp32_reference():
     torch.manual_seed(0)
     lin = nn.Linear(64, 40, bias=True)
@@ -129,12 +159,14 @@ def test_int8_experts_equal_experts_on_the_dequantised_weights():
         assert (dispatch_combine(x, idx, only0, 8, q8) - dispatch_combine(x, idx, only0, 8, ref)).abs().max() < 1e-5
     rel = (y - y_ref).norm() / y_ref.norm()
     assert 1e-4 < rel < 1e-2  # bf16 rounding of experts 1..3 (their GEMV ran), no more
-    # the compiled decode step's form (each row's expert codes gathered, a GEMV pair per row): the same numbers
-    from nanoseek.model.moe import sort_by_expert
-
-    x_sorted, _, counts = sort_by_expert(x[:5], idx[:5], 8)
+    # a decode step's form (one GEMV pair per (token, expert) on views of the codes), eager and compiled in one
+    # graph (the expert index a graph integer): the same numbers as the dispatch
     with torch.no_grad():
-        assert torch.equal(q8._gathered(x_sorted, counts), q8(x_sorted, counts))
+        want = dispatch_combine(x[:5], idx[:5], weights[:5], 8, q8)
+        assert (unrolled_experts(x[:5], idx[:5], weights[:5], q8) - want).abs().max() < 1e-6
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            compiled = torch.compile(unrolled_experts, fullgraph=True, dynamic=False)
+            assert (compiled(x[:5], idx[:5], weights[:5], q8) - want).abs().max() < 1e-6
 
 
 # ---------------------------------------------------------------------------------- (2) the model swap
@@ -189,8 +221,13 @@ def test_decode_step_reads_every_matrix_as_int8(periodic):
 
 
 # ---------------------------------------------------------------------------------- (3) decoding
-@pytest.mark.parametrize("cache", ["latent", "naive"])
-def test_greedy_equals_dequantised_reference(periodic, cache):
+@pytest.mark.parametrize("cache, kernel", [("latent", "bf16"), ("naive", "bf16"), ("latent", "fbgemm")])
+def test_greedy_equals_dequantised_reference(periodic, cache, kernel, monkeypatch):
+    """kernel fbgemm: every Linear of the tiny model through fbgemm (the threshold lowered to 0)."""
+    if kernel == "fbgemm":
+        if not FBGEMM:
+            pytest.skip("fbgemm (x86) is not in this torch build")
+        monkeypatch.setattr(int8, "FBGEMM_MIN_CODES", 0)
     _, ref, q8, cycle = periodic
     prompts = [cycle[:5].tolist(), cycle[3:10].tolist(), cycle[7:9].tolist()]
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
@@ -228,7 +265,10 @@ def test_logits_close_to_the_reference_on_a_random_model():
 
 
 @pytest.mark.slow
-def test_compiled_decode_equals_eager(periodic):
+@pytest.mark.parametrize("fbgemm_min", [FBGEMM_MIN_CODES, 0])
+def test_compiled_decode_equals_eager(periodic, fbgemm_min, monkeypatch):
+    """Both kernels in the compiled step (fbgemm_min 0: every Linear through fbgemm's operator)."""
+    monkeypatch.setattr(int8, "FBGEMM_MIN_CODES", fbgemm_min)
     _, _, q8, cycle = periodic
     prompts = [cycle[:5].tolist(), cycle[2:4].tolist()]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)

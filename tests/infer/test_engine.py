@@ -163,6 +163,37 @@ def test_compiled_decode_equals_eager(model):
 
 
 @pytest.mark.slow
+def test_compiled_engines_keep_their_own_graphs_and_follow_model_changed(model):
+    """The compiled step skips dynamo's checks of the modules: two engines over two models (other weights, other
+    depth) each run their own graphs, and after `model_changed` a hook added to the model takes effect."""
+    torch.manual_seed(1)
+    other = Transformer(tiny_config(num_hidden_layers=3)).eval()
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    prompts = PROMPTS[:2]
+    engines = [Engine(m, max_batch=2, max_len=32, compile=True) for m in (model, other)]
+    for m, eng in zip((model, other), engines, strict=True):
+        want = [r.output_ids for r in Engine(m, max_batch=2, max_len=32).generate(prompts, params)]
+        assert [r.output_ids for r in eng.generate(prompts, params)] == want
+    token = 17
+
+    def boost(_module, _args, out):  # every position's logits favour `token`
+        out = out.clone()
+        out[..., token] += 1e4
+        return out
+
+    handle = model.lm_head.register_forward_hook(boost)
+    try:
+        engines[0].model_changed()
+        got = engines[0].generate(prompts, params)
+        assert all(r.output_ids == [token] * 6 for r in got)
+    finally:
+        handle.remove()
+    engines[0].model_changed()
+    assert [r.output_ids for r in engines[0].generate(prompts, params)] == \
+        [r.output_ids for r in Engine(model, max_batch=2, max_len=32).generate(prompts, params)]
+
+
+@pytest.mark.slow
 def test_compiled_speculative_equals_plain_greedy():
     """The compiled verify (2-token static step) and MTP draft graphs: the plain greedy tokens, drafts accepted."""
     m, cycle = train_periodic()
