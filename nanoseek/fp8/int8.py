@@ -64,7 +64,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..model import Experts, Transformer
 from ..model.moe import swiglu
-from .weights import Fp8Experts, Fp8WeightLinear, _FixedDtypeBuffers, _QuantizedLinear
+from .weights import Fp8Experts, Fp8WeightLinear, _FixedDtypeBuffers, _QuantizedLinear, quantized_bytes
 
 INT8_MAX = 127
 SCALE_DTYPE = torch.bfloat16  # the kernel takes the scales in the activations' dtype
@@ -88,18 +88,6 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_rows(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W = q * s (s per row, broadcast along the last dimension), computed in fp32 and cast to `dtype`."""
     return (q.float() * s.float().unsqueeze(-1)).to(dtype)
-
-
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x [..., in] times W^T for W = q * s (q int8 [out, in], s bf16 [out]) -> [..., out] in x's dtype: the int8
-    GEMV for up to GEMV_ROWS rows on the CPU, else the dequantised reference (see the module docstring)."""
-    k = x.shape[-1]
-    rows = x.numel() // max(k, 1)
-    if x.device.type == "cpu" and 0 < rows <= GEMV_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-        # a fresh bf16 copy: the kernel loads the rows with aligned vector loads
-        xb = x.reshape(rows, k).to(torch.bfloat16, copy=True)
-        return torch.ops.aten._weight_int8pack_mm(xb, q, s).view(*x.shape[:-1], q.shape[0]).to(x.dtype)
-    return F.linear(x, dequantize_rows(q, s, x.dtype))
 
 
 # fbgemm's int8 x int8 GEMM (torch.ao's quantized linear, x86) for a module's own large matrices, where it runs at
@@ -152,6 +140,22 @@ def fbgemm_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Te
     return ((y[:n] + y[n:] * (1 / (2 * ACT_MAX))) * m).to(x.dtype)
 
 
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, packable: bool = False) -> torch.Tensor:
+    """x [..., in] times W^T for W = q * s (q int8 [out, in], s bf16 [out]) -> [..., out] in x's dtype: for up to
+    GEMV_ROWS rows on the CPU fbgemm (a large matrix that is `packable`: a module's own weight, not a view) or the
+    int8 GEMV, else the dequantised reference (see the module docstring)."""
+    k = x.shape[-1]
+    rows = x.numel() // max(k, 1)
+    if x.device.type == "cpu" and 0 < rows <= GEMV_ROWS:
+        if packable and FBGEMM and q.numel() >= FBGEMM_MIN_CODES:
+            return fbgemm_matmul(x.reshape(rows, k), q, s).view(*x.shape[:-1], q.shape[0])
+        if x.dtype in (torch.float32, torch.bfloat16):
+            # a fresh bf16 copy: the kernel loads the rows with aligned vector loads
+            xb = x.reshape(rows, k).to(torch.bfloat16, copy=True)
+            return torch.ops.aten._weight_int8pack_mm(xb, q, s).view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+    return F.linear(x, dequantize_rows(q, s, x.dtype))
+
+
 def _check_in_features(in_features: int, what: str) -> None:
     if in_features % IN_MULTIPLE:
         raise ValueError(f"{what} = {in_features} is not a multiple of {IN_MULTIPLE}, which the int8 GEMV kernel "
@@ -183,12 +187,7 @@ class Int8Linear(_QuantizedLinear):
         return dequantize_rows(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = x.shape[-1]
-        rows = x.numel() // max(k, 1)
-        if FBGEMM and self.weight.numel() >= FBGEMM_MIN_CODES and x.device.type == "cpu" and 0 < rows <= GEMV_ROWS:
-            y = fbgemm_matmul(x.reshape(rows, k), self.weight, self.weight_scale).view(*x.shape[:-1], -1)
-        else:
-            y = int8_matmul(x, self.weight, self.weight_scale)
+        y = int8_matmul(x, self.weight, self.weight_scale, packable=True)  # fbgemm for a large matrix
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -297,12 +296,4 @@ def quantize_int8(model: Transformer) -> Transformer:
 
 def int8_weight_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes held by the int8 modules' codes and scales, bytes the same weights take in fp32)."""
-    held = dense = 0
-    for m in model.modules():
-        if isinstance(m, (Int8Linear, Int8Experts)):
-            for name in m._fixed:
-                t = m._buffers[name]
-                held += t.numel() * t.element_size()
-                if t.dtype == torch.int8:
-                    dense += t.numel() * 4
-    return held, dense
+    return quantized_bytes(model, (Int8Linear, Int8Experts), torch.int8)

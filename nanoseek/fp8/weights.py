@@ -198,14 +198,20 @@ def quantize_model_weights(model: Transformer) -> Transformer:
     return model
 
 
-def fp8_weight_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes held by the FP8 modules' weights and scales, bytes the same weights take in fp32)."""
+def quantized_bytes(model: nn.Module, kinds: tuple[type, ...], code_dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes held by the `kinds` modules' fixed buffers -- codes and scales --, bytes their `code_dtype` codes would
+    take in fp32)."""
     held = dense = 0
     for m in model.modules():
-        if isinstance(m, (Fp8WeightLinear, Fp8Experts)):
+        if isinstance(m, kinds):
             for name in m._fixed:
                 t = m._buffers[name]
                 held += t.numel() * t.element_size()
-                if t.dtype == FP8_DTYPE:
+                if t.dtype == code_dtype:
                     dense += t.numel() * 4
     return held, dense
+
+
+def fp8_weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes held by the FP8 modules' weights and scales, bytes the same weights take in fp32)."""
+    return quantized_bytes(model, (Fp8WeightLinear, Fp8Experts), FP8_DTYPE)

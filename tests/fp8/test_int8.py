@@ -2,6 +2,7 @@
 form of that kernel and the dequantised fp32 reference; the engine, GGUF loading and the command line on top."""
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -161,12 +162,28 @@ def test_int8_experts_equal_experts_on_the_dequantised_weights():
     assert 1e-4 < rel < 1e-2  # bf16 rounding of experts 1..3 (their GEMV ran), no more
     # a decode step's form (one GEMV pair per (token, expert) on views of the codes), eager and compiled in one
     # graph (the expert index a graph integer): the same numbers as the dispatch
+    args = (x[:5], idx[:5], weights[:5], q8)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
     with torch.no_grad():
         want = dispatch_combine(x[:5], idx[:5], weights[:5], 8, q8)
-        assert (unrolled_experts(x[:5], idx[:5], weights[:5], q8) - want).abs().max() < 1e-6
+        assert (unrolled_experts(*args) - want).abs().max() < 1e-6
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             compiled = torch.compile(unrolled_experts, fullgraph=True, dynamic=False)
-            assert (compiled(x[:5], idx[:5], weights[:5], q8) - want).abs().max() < 1e-6
+            assert (compiled(*args) - want).abs().max() < 1e-6
+            torch.compile(unrolled_experts, fullgraph=True, backend=capture)(*args)
+
+    # the graph selects each expert's codes by an integer (views): no indexing by a tensor (a gather)
+    def tensor_indexed(n: torch.fx.Node) -> bool:
+        index = n.args[1] if len(n.args) > 1 else None
+        return isinstance(index, torch.fx.Node) and isinstance(index.meta.get("example_value"), torch.Tensor)
+
+    getitems = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is operator.getitem]
+    assert getitems and not any(map(tensor_indexed, getitems))
 
 
 # ---------------------------------------------------------------------------------- (2) the model swap

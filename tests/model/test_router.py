@@ -1,7 +1,5 @@
 """Router (Gate) and MoE cases worked by hand."""
 
-import operator
-
 import pytest
 import torch
 from conftest import tiny_config
@@ -112,39 +110,6 @@ def test_moe_matches_per_token_reference(grad):
         for e in idx[t]:
             expect[t // 9, e] += 1
     assert torch.equal(stats.load, expect)
-
-
-def test_unrolled_experts_read_the_weights_in_place():
-    """The compiled decode step's MoE form (one expert at a time, the index a graph integer: views of the stacked
-    weights) equals the gathered form, eagerly and compiled in one graph with no copy of the expert weights."""
-    from nanoseek.model.moe import gathered_experts, unrolled_experts
-
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    moe = MoE(cfg).eval()
-    torch.nn.init.normal_(moe.experts.gate_up_proj, std=0.1)
-    torch.nn.init.normal_(moe.experts.down_proj, std=0.1)
-    x = torch.randn(3, cfg.hidden_size)
-    w, idx, _ = moe.gate(x)
-    with torch.no_grad():
-        want = gathered_experts(x, idx, w, moe.experts)
-        torch.testing.assert_close(unrolled_experts(x, idx, w, moe.experts), want, atol=1e-6, rtol=1e-5)
-        graphs = []
-
-        def backend(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):
-            got = torch.compile(unrolled_experts, fullgraph=True, backend=backend)(x, idx, w, moe.experts)
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    # the graph selects each expert's matrices by an integer (views): no indexing by a tensor (a gather)
-    def tensor_indexed(n: torch.fx.Node) -> bool:
-        index = n.args[1] if len(n.args) > 1 else None
-        return isinstance(index, torch.fx.Node) and isinstance(index.meta.get("example_value"), torch.Tensor)
-
-    getitems = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is operator.getitem]
-    assert getitems and not any(map(tensor_indexed, getitems))
 
 
 def test_balance_loss_closed_form():
