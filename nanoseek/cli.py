@@ -302,7 +302,8 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
 
     sets = (list(FP8_RECIPE) if args.fp8 else []) + list(args.set or [])
     # --sft-steps / --grpo-minutes unset: the recipe's defaults (nanoseek.recipes.posttrain)
-    post = {k: v for k, v in {"sft_steps": args.sft_steps, "grpo_minutes": args.grpo_minutes}.items() if v is not None}
+    post = {k: v for k, v in {"sft_steps": args.sft_steps, "grpo_minutes": args.grpo_minutes,
+                              "teacher_slip": args.teacher_slip}.items() if v is not None}
     s = speedrun(Path(args.out), args.preset, args.minutes, args.data or None, args.max_chars, args.steps,
                  sets, args.seed, post_train=not args.no_post_train, overwrite=args.overwrite, **post)
     print(json.dumps(s, indent=2))
@@ -429,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("pretrain", help="pre-train a model (V3 recipe) on a corpus")
     p.add_argument("--preset", default="tiny", help="tiny | small | v2-lite | v3 | path to config.json")
-    p.add_argument("--data", nargs="*", help="a prepared data dir (with data.json), or files/folders "
-                   "(default: the Python standard library)")
+    p.add_argument("--data", nargs="*", help="a prepared data dir (with data.json), or files/folders, 'stdlib' "
+                   "for the Python standard library (the default)")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument("--steps", type=int)
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--minutes", type=float, default=10.0, help="pre-training budget (post-training comes after)")
     p.add_argument("--out", default="runs/speedrun")
-    p.add_argument("--data", nargs="*", help="files/folders (default: the Python standard library)")
+    p.add_argument("--data", nargs="*", help="files/folders, 'stdlib' for the Python standard library (the default)")
     p.add_argument("--max-chars", type=int, default=12_000_000)
     p.add_argument("--steps", type=int, help="fixed number of steps instead of the time budget")
     p.add_argument("--seed", type=int, default=0)
@@ -454,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-post-train", action="store_true", help="stop after pre-training (no SFT / GRPO)")
     p.add_argument("--sft-steps", type=int, help="SFT steps (default: the recipe's)")
     p.add_argument("--grpo-minutes", type=float, help="GRPO budget, minutes of training steps (default: the recipe's)")
+    p.add_argument("--teacher-slip", type=float, help="the teacher's chance of dropping a negative step's minus sign "
+                   "(default: the recipe's; 0: a correct teacher)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier speedrun in --out")
     p.set_defaults(func=cmd_speedrun)
 

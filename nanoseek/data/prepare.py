@@ -28,7 +28,8 @@ from .fim import tokenize_documents
 from .shards import ShardError, ShardWriter, TokenShard, shard_dtype
 from .tokenizer import Tokenizer, train_tokenizer
 
-FORMAT = 1
+FORMAT = 2  # 2: tokenizers trained with DeepSeek-V3's pre-tokenizer splits
+STDLIB = "stdlib"  # the source name of the Python standard library (a folder of that name: "./stdlib")
 VAL_DOCS = 200  # held-out text pieces kept raw in val_docs.jsonl (for FIM exact-match evaluation)
 VAL_DOC_CHARS = 4000  # at most this many characters each
 TOKENIZER_TRAIN_CHARS = 200_000_000  # BPE training sees at most this much of the training split
@@ -113,7 +114,8 @@ def prepare_corpus(sources: list[str | Path] | None, out_dir: Path, vocab_size: 
     most VAL_DOC_CHARS characters; up to VAL_DOCS records taken round-robin: every document's first piece, then
     every second piece, ...) and data.json (settings, stats, token counts).
 
-    `sources` None means the Python standard library (files in a seeded random order). Documents are held out by
+    `sources` None means the Python standard library (files in a seeded random order); so does the name "stdlib"
+    among other sources (e.g. ["maths.jsonl", "stdlib"]: files are read in the order given). Documents are held out by
     a hash of their name (file path relative to its source folder, plus ':line' for JSONL), fixed across seeds.
     The tokenizer is trained on the training split unless one is given (then `vocab_size` is ignored).
     `max_chars` caps the corpus: (1 - heldout_frac) of it for training, the rest held out. Outputs made with the
@@ -125,15 +127,21 @@ def prepare_corpus(sources: list[str | Path] | None, out_dir: Path, vocab_size: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if sources is None:
-        root = stdlib_root()
-        pairs = [(p, p.relative_to(root).as_posix()) for p in stdlib_sources()]
-        random.Random(seed).shuffle(pairs)
-        source_names: list[str] = [f"stdlib:{root}"]
-    else:
-        if isinstance(sources, (str, Path)):
-            sources = [sources]
-        pairs = source_files(sources)
-        source_names = [str(Path(s).resolve()) for s in sources]
+        sources = [STDLIB]
+    elif isinstance(sources, (str, Path)):
+        sources = [sources]
+    pairs: list[tuple[Path, str]] = []
+    source_names: list[str] = []
+    for src in sources:
+        if src == STDLIB:  # the named source: the standard library's files, in a seeded random order
+            root = stdlib_root()
+            files = [(p, p.relative_to(root).as_posix()) for p in stdlib_sources()]
+            random.Random(seed).shuffle(files)
+            pairs += files
+            source_names.append(f"stdlib:{root}")
+        else:
+            pairs += source_files([src])
+            source_names.append(str(Path(src).resolve()))
     if not pairs:
         raise DataError(f"{', '.join(source_names)}: no corpus files (folders are searched for text files by "
                         f"extension, e.g. .txt .md .py, and for JSONL .jsonl .ndjson; hidden files are skipped)")

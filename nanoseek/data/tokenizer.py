@@ -88,16 +88,16 @@ _FALLBACKS: dict[str, tuple[str, ...]] = {
     "pad": ("<pad>", "<|pad|>"),
 }
 
-# Pre-tokenisation: digits in runs of at most three, then identifiers (letters/underscore, with one optional leading
-# space), punctuation runs (absorbing trailing newlines), newline runs, and whitespace runs that leave their last
-# space to the following word, which keeps code indentation in few, reusable tokens.
-_DIGITS = r"\p{N}{1,3}"
-_PIECES = (
-    r" ?[\p{L}_][\p{L}\p{M}_]*"
-    r"| ?[^\s\p{L}\p{N}_]+[\r\n]*"
-    r"|\s*[\r\n]+"
-    r"|\s+(?!\S)"
-    r"|\s+"
+# Pre-tokenisation as DeepSeek-V3's released tokenizer.json (llama.cpp's "deepseek-v3" pre-tokenizer): splits applied
+# in turn, each match isolated: digits in runs of at most three; CJK runs; then a word with at most one leading
+# non-letter (a space, or one punctuation mark before ASCII letters: `_bar`, `.attr`), punctuation runs that absorb
+# trailing newlines, newline runs, and whitespace runs that leave their last space to the next word. A GGUF export
+# therefore tokenises in llama.cpp exactly as here.
+DEEPSEEK_V3_SPLITS = (
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r'''[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*'''
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 )
 
 
@@ -219,11 +219,9 @@ class Tokenizer:
 
 def _empty_bpe() -> HFTokenizer:
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_DIGITS), behavior="isolated"),
-        pre_tokenizers.Split(Regex(_PIECES), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in DEEPSEEK_V3_SPLITS]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     return tok
 

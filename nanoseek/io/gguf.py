@@ -25,11 +25,11 @@ template). Layout choices follow llama.cpp's own convert_hf_to_gguf.py (Deepseek
 - Quantisation follows the converter too: 1-D tensors, norms and the router stay F32; a Q8_0 tensor whose rows are
   not a multiple of 32 falls back to F16.
 
-The pre-tokenizer: llama.cpp hard-codes one regex per pre-tokenizer name and none equals nanoseek's
-(nanoseek.data.tokenizer: underscores belong to identifiers, only a space may lead a word). "deepseek-v3" is the
-closest (96% of the tokens of held-out Python agree; it splits `foo_bar` as `foo` `_bar`, keeps `.attr` whole and
-isolates CJK runs), so a llama.cpp tokenisation differs from nanoseek's on such text; the exact tokenizer.json is
-embedded too (`tokenizer.huggingface.json`), from which `read_gguf_tokenizer` restores nanoseek's tokenisation.
+The pre-tokenizer: llama.cpp hard-codes one regex list per pre-tokenizer name; nanoseek trains its tokenizers with
+DeepSeek-V3's splits (nanoseek.data.tokenizer.DEEPSEEK_V3_SPLITS), so the file names "deepseek-v3" and llama.cpp
+tokenises exactly as nanoseek. A tokenizer with other splits (one loaded from elsewhere) would tokenise differently
+in llama.cpp; the exact tokenizer.json is embedded too (`tokenizer.huggingface.json`), from which
+`read_gguf_tokenizer` restores it.
 """
 
 from __future__ import annotations
@@ -63,15 +63,6 @@ CONFIG_KEY = "nanoseek.config"  # nanoseek's config.json: the fields llama.cpp h
 # config fields no llama.cpp key carries; taken from CONFIG_KEY when a file has it
 _NANOSEEK_ONLY = ("initializer_range", "mtp_loss_weight", "aux_loss_alpha", "seq_aux", "topk_method", "n_group",
                   "topk_group")
-
-# llama.cpp's deepseek-v3 pre-tokenizer (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM): splits applied in
-# turn, each match isolated; then the GPT-2 byte-to-unicode map.
-DEEPSEEK_V3_SPLITS = (
-    r"\p{N}{1,3}",
-    r"[一-龥぀-ゟ゠-ヿ]+",
-    r'''[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*'''
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
-)
 
 # nanoseek parameter (under a block `model.layers.L.` or MTP module `mtp.k.`) -> llama.cpp tensor under `blk.N.`
 _BLOCK_NAMES = {
@@ -562,6 +553,8 @@ def _llama_cpp_backend(tokens: list[str], types: list[int], merges: list[str], p
     """A `tokenizers.Tokenizer` that tokenises as llama.cpp does with these fields (gpt2 model, `pre` splits)."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
+
+    from ..data.tokenizer import DEEPSEEK_V3_SPLITS  # llama.cpp's deepseek-v3 (src/llama-vocab.cpp, DEEPSEEK3_LLM)
 
     if pre != PRE_TOKENIZER:
         raise GGUFError(f"tokenizer.ggml.pre {pre!r}: only {PRE_TOKENIZER!r} can be rebuilt without an embedded "

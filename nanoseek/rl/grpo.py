@@ -176,6 +176,9 @@ class GRPOTrainer(RunLoop):
                                    max_len=self.max_len, speculative=True) if len(model.mtp) else self.engine)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resumed else None,
                                   enabled=self.is_main)
+        # what the policy writes as it trains (TRL's log_completions): lengths, formats, R1's "aha" words
+        self.completions = MetricsLog(self.out / "completions.jsonl", resume_step=self.step if resumed else None,
+                                      enabled=self.is_main and cfg.log_completions > 0)
         if self.is_main:
             (self.out / "grpo_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
@@ -384,6 +387,9 @@ class GRPOTrainer(RunLoop):
             self.optimizer.step()
         self._sync_rollout_model()
         self.step += 1
+        for k, r in enumerate(rolls[: cfg.log_completions]):
+            self.completions.write({"step": self.step, "question": problems[k // cfg.group_size].question,
+                                    "completion": r.text, "reward": rewards[k].item(), "correct": scored[k][1]})
         if self.ref is not None and self.step % cfg.ref_refresh_every == 0:
             self.ref.load_state_dict(self.rollout_model.state_dict())
         t_train = time.time()

@@ -101,6 +101,25 @@ def test_prepare_user_sources(tmp_path, tok):
     assert not redo["reused"] and redo["stats"]["documents"] == 122
 
 
+def test_prepare_named_stdlib_source_mixed_with_files(tmp_path, tok):
+    """"stdlib" names the default corpus among other sources, read in the order given (a mix, e.g. arithmetic text
+    before the standard library, is kept whole under a max_chars cap that cuts the library)."""
+    docs = tmp_path / "maths.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"{i} + {i} = {2 * i}"}) + "\n" for i in range(50)))
+    a = prepare_corpus(None, tmp_path / "a", 0, tokenizer=tok, max_chars=40_000, progress=False)
+    b = prepare_corpus(["stdlib"], tmp_path / "b", 0, tokenizer=tok, max_chars=40_000, progress=False)
+    assert a["sources"] == b["sources"] and a["train"] == b["train"]
+    assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
+    mix = prepare_corpus([docs, "stdlib"], tmp_path / "mix", 0, fim_rate=0.0, tokenizer=tok, max_chars=40_000,
+                         progress=False)
+    assert mix["sources"] == [str(docs.resolve()), a["sources"][0]]
+    assert mix["stats"]["chars"] == 40_000 and mix["stats"]["documents"] > 50
+    text = tok.decode(TokenShard.open(tmp_path / "mix" / "train.bin", tok.hash).tokens.tolist())
+    held = {r["source"] for r in map(json.loads, (tmp_path / "mix" / "val_docs.jsonl").read_text().splitlines())}
+    kept = [i for i in range(50) if f"maths.jsonl:{i + 1}" not in held]
+    assert kept and all(f"{i} + {i} = {2 * i}" in text for i in kept) and "def " in text
+
+
 def test_prepare_errors(tmp_path, tok):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')

@@ -40,20 +40,25 @@ def test_speedrun_pretraining_is_time_budgeted(tmp_path, monkeypatch):
         sr.speedrun(tmp_path / "b", minutes=3, max_chars=60_000, steps=40, sets=["vocab_size=512"], post_train=False,
                     overwrite=True)
     assert not (tmp_path / "b" / "data" / "marker").exists()
+    with pytest.raises(ConfigError, match=r"teacher_slip must be in \[0, 1\], got 1.5"):  # before any work
+        sr.speedrun(tmp_path / "c", minutes=3, teacher_slip=1.5)
+    assert not (tmp_path / "c").exists()
 
 
 def test_cli_leaves_the_post_training_defaults_to_the_recipe(monkeypatch):
-    """`nanoseek speedrun` without --sft-steps / --grpo-minutes runs the recipe's defaults (a short SFT that leaves
-    GRPO room, nanoseek.recipes.posttrain); given, they reach the recipe."""
+    """`nanoseek speedrun` without --sft-steps / --grpo-minutes / --teacher-slip runs the recipe's defaults
+    (nanoseek.recipes.posttrain); given, they reach the recipe."""
     from nanoseek.cli import main
     from nanoseek.recipes import posttrain
 
     params = inspect.signature(sr.speedrun).parameters
     assert params["sft_steps"].default == posttrain.SFT_STEPS
     assert params["grpo_minutes"].default == posttrain.GRPO_MINUTES
+    assert params["teacher_slip"].default == posttrain.TEACHER_SLIP
     calls = []
     monkeypatch.setattr(sr, "speedrun", lambda *a, **kw: calls.append(kw) or {})
     assert main(["speedrun", "--out", "unused"]) == 0
-    assert "sft_steps" not in calls[-1] and "grpo_minutes" not in calls[-1]
-    assert main(["speedrun", "--out", "unused", "--sft-steps", "50", "--grpo-minutes", "2.5"]) == 0
-    assert (calls[-1]["sft_steps"], calls[-1]["grpo_minutes"]) == (50, 2.5)
+    assert not {"sft_steps", "grpo_minutes", "teacher_slip"} & set(calls[-1])
+    assert main(["speedrun", "--out", "unused", "--sft-steps", "50", "--grpo-minutes", "2.5",
+                 "--teacher-slip", "0"]) == 0
+    assert (calls[-1]["sft_steps"], calls[-1]["grpo_minutes"], calls[-1]["teacher_slip"]) == (50, 2.5, 0.0)

@@ -66,8 +66,8 @@ def test_update_raises_the_log_prob_of_better_completions(tok, tmp_path):
 
 
 def test_train_steps_metrics_plot_and_exact_resume(tok, tmp_path):
-    full = GRPOTrainer(_model(tok), tok, _cfg(steps=3, beta=0.01), tmp_path / "full", progress=False,
-                       reward_fn=has_e)
+    full = GRPOTrainer(_model(tok), tok, _cfg(steps=3, beta=0.01, log_completions=3), tmp_path / "full",
+                       progress=False, reward_fn=has_e)
     recs = full.run()
     train = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
@@ -78,17 +78,24 @@ def test_train_steps_metrics_plot_and_exact_resume(tok, tmp_path):
     assert (tmp_path / "full" / "grpo.png").stat().st_size > 1000
     assert (tmp_path / "full" / "checkpoints" / "step_00000003" / "ref.safetensors").is_file()
 
-    part = GRPOTrainer(_model(tok), tok, _cfg(steps=1, beta=0.01), tmp_path / "part", progress=False,
-                       reward_fn=has_e)
-    part.run()
-    resumed = GRPOTrainer(_model(tok), tok, _cfg(steps=3, beta=0.01), tmp_path / "part", resume=True,
-                          progress=False, reward_fn=has_e)
+    part = GRPOTrainer(_model(tok), tok, _cfg(steps=2, beta=0.01, log_completions=3), tmp_path / "part",
+                       progress=False, reward_fn=has_e)
+    part.run()  # stopped after step 2, resumed from its step-1 checkpoint: step 2's logged rows are dropped
+    (tmp_path / "part" / "checkpoints" / "step_00000002").rename(tmp_path / "step2")
+    resumed = GRPOTrainer(_model(tok), tok, _cfg(steps=3, beta=0.01, log_completions=3), tmp_path / "part",
+                          resume=True, progress=False, reward_fn=has_e)
     assert resumed.step == 1
     resumed.run()
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    # log_completions: each step's first 3 rollouts with their rewards; a resumed run drops the later steps' rows
+    logged = [json.loads(x) for x in (tmp_path / "full" / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert all(r["reward"] == has_e("", r["completion"]) and r["question"].startswith("Compute ") for r in logged)
+    part_log, full_log = (tmp_path / "part" / "completions.jsonl"), (tmp_path / "full" / "completions.jsonl")
+    assert part_log.read_text() == full_log.read_text()
 
 
 def test_time_budget_progress_bar_and_resume(tok, tmp_path):
