@@ -4,8 +4,8 @@
     python benchmarks/r1_zero_study.py --out runs/r1zero_lr5e-5 --base runs/r1zero/base --lr 5e-5
 
 Pre-trains `tiny` on the Python standard library plus arithmetic text (nanoseek.recipes.r1zero: equations, prose
-solutions, tagged transcripts of 2-operand chains; never a held-out problem) with the speedrun's time budget, then
-runs GRPO on 3-operand chains with the R1-Zero template, measuring the base's and the trained policy's greedy
+solutions, tagged transcripts of 2- and 3-operand chains; never a held-out problem) with the speedrun's time budget,
+then runs GRPO on 3-operand chains with the R1-Zero template, measuring the base's and the trained policy's greedy
 accuracy, pass@1 / pass@8 at temperature 1 and format rates, and the completions over training (length, format,
 reflective words). Writes <out>/r1zero.json and <out>/report.md (docs/r1_zero.md records a run).
 """
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grpo-minutes", type=float, default=10.0)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arithmetic-docs", type=int, default=1500, help="documents of 20 chains each in the mix")
+    ap.add_argument("--arithmetic-docs", type=int, default=3000, help="documents of 20 chains each in the mix")
     args = ap.parse_args(argv)
     r = r1_zero(Path(args.out), args.minutes, args.grpo_minutes, args.seed, args.arithmetic_docs, args.lr,
                 base_dir=Path(args.base) if args.base else None)

@@ -5,8 +5,9 @@ RL can only reinforce answers the base model sometimes gives (pass@k > 0). DeepS
 mathematics; this base reads the Python standard library plus a share of arithmetic text written from the task's
 training split (held-out problems never appear), as real pre-training corpora hold worked arithmetic. Each document
 is one style: bare equations, worked solutions in prose, or question / answer transcripts with <think> / <answer>
-tags. Transcripts show 2-operand chains only; the 3-operand chains the task asks for appear as equations and prose,
-so the base has to carry the chaining over into the tagged format by itself.
+tags, 2- and 3-operand chains alike (the tagged format after "User: ... Assistant:" is what the R1-Zero template
+asks for; with 2-operand transcripts only, a first run's base never wrote it under the template's long preamble:
+none of 640 sampled completions in 10 GRPO steps, nor a greedy one, was well-formed: no reward to learn from).
 
     from nanoseek.recipes.r1zero import r1_zero
     r1_zero(Path("runs/r1zero"), minutes=10, grpo_minutes=10)
@@ -57,15 +58,15 @@ def arithmetic_text(problem: Problem, style: str) -> str:
 
 
 def arithmetic_documents(n_docs: int, seed: int = 0, per_doc: int = 20) -> list[str]:
-    """`n_docs` documents of `per_doc` one-digit `+`/`-` chains from the task's training split, the styles in turn;
-    transcripts hold 2-operand chains, equations and prose 2- or 3-operand ones (one length per document)."""
+    """`n_docs` documents of `per_doc` one-digit `+`/`-` chains from the task's training split, the styles in turn,
+    2- or 3-operand chains (one length per document)."""
     rng = random.Random(seed)
     streams = {k: generate("arithmetic", None, seed=seed + k, split="train", **{**TASK_KNOBS, "n_operands": k})
                for k in (2, 3)}
     docs = []
     for i in range(n_docs):
         style = STYLES[i % len(STYLES)]
-        k = 2 if style == "transcript" else rng.choice((2, 3))
+        k = rng.choice((2, 3))
         problems = [next(streams[k]) for _ in range(per_doc)]
         docs.append(("\n" if style == "equation" else "\n\n").join(arithmetic_text(p, style) for p in problems))
     return docs
@@ -118,7 +119,7 @@ def completion_study(path: Path, windows: int = 5, examples: int = 3) -> dict[st
             "last": [r["completion"] for r in rows[-examples:]]}
 
 
-def r1_zero(out: Path, minutes: float = 10.0, grpo_minutes: float = 10.0, seed: int = 0, arithmetic_docs: int = 1500,
+def r1_zero(out: Path, minutes: float = 10.0, grpo_minutes: float = 10.0, seed: int = 0, arithmetic_docs: int = 3000,
             lr: float = 2e-5, k: int = 8, eval_n: int = 200, base_dir: Path | None = None,
             progress: bool = True) -> dict[str, Any]:
     """The study: pre-training on the mix (`minutes`, the speedrun's budget) into <out>/base, or the base of an

@@ -51,7 +51,7 @@ def test_arithmetic_documents_are_correct_styled_and_never_held_out(tmp_path):
             seen.add(len(expr.split()) // 2 + 1)
             if style == "transcript":
                 answer = item.split("Assistant: ")[1]
-                assert len(expr.split()) == 3 and accuracy_reward("", answer, answer=value) == 1.0
+                assert accuracy_reward("", answer, answer=value) == 1.0
                 assert format_reward("", answer) == 1.0
     assert seen == {2, 3}
     rows = write_arithmetic_corpus(tmp_path / "a.jsonl", 4).read_text().splitlines()
