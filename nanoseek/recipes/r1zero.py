@@ -6,8 +6,8 @@ mathematics; this base reads the Python standard library plus a share of arithme
 training split (held-out problems never appear), as real pre-training corpora hold worked arithmetic. Each document
 is one style: bare equations, worked solutions in prose, or question / answer transcripts with <think> / <answer>
 tags, 2- and 3-operand chains alike (the tagged format after "User: ... Assistant:" is what the R1-Zero template
-asks for; with 2-operand transcripts only, a first run's base never wrote it under the template's long preamble:
-none of 640 sampled completions in 10 GRPO steps, nor a greedy one, was well-formed: no reward to learn from).
+asks for). docs/r1_zero.md: after 8-10 minutes of pre-training on 2 cores the base does not yet write that format
+under the template's long preamble (every reward 0, so GRPO has no gradient).
 
     from nanoseek.recipes.r1zero import r1_zero
     r1_zero(Path("runs/r1zero"), minutes=10, grpo_minutes=10)
