@@ -18,13 +18,13 @@ from nanoseek.io import load_checkpoint
 from nanoseek.io.paths import resolve_checkpoint
 from nanoseek.recipes.posttrain import TASK_KNOBS
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
+from nanoseek.rl.rewards import extract_answer
 
 STEP = re.compile(r"(-?\d+) ([+-]) (\d+) = (-?\d+)")
 
 
 def classify(answer: str, completion: str) -> str:
-    got = re.search(r"<answer>(-?\d+)</answer>", completion)
-    if got and got.group(1) == answer:
+    if extract_answer(completion) == answer:
         return "right"
     wrong = [(int(a) + int(b) if op == "+" else int(a) - int(b), int(c)) for a, op, b, c in STEP.findall(completion)]
     wrong = [(true, c) for true, c in wrong if true != c]

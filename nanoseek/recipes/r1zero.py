@@ -109,8 +109,7 @@ def completion_study(path: Path, windows: int = 5, examples: int = 3) -> dict[st
         spans.append({
             "steps": f"{lo}-{hi}", "n": len(part),
             "chars": sum(len(r["completion"]) for r in part) / len(part),
-            "format_rate": sum("<answer>" in r["completion"] and "</think>" in r["completion"] for r in part)
-            / len(part),
+            "format_rate": sum(r["format"] for r in part) / len(part),
             "accuracy": sum(r["correct"] for r in part) / len(part),
             "reflective": sum(bool(REFLECTION.search(r["completion"])) for r in part) / len(part),
             "words": sorted(set(words)),

@@ -46,7 +46,7 @@ class GRPOConfig:
     ref_refresh_every: int = param(400, POSITIVE)
     eval_every: int = param(10, POSITIVE)
     eval_n: int = param(200, POSITIVE)
-    log_completions: int = param(0, NON_NEGATIVE)  # the step's first N rollouts (text, reward) to completions.jsonl
+    log_completions: int = param(0, NON_NEGATIVE)  # the step's first N rollouts (text, reward...) to completions.jsonl
     ckpt_every: int = param(25, POSITIVE)
     keep_last: int = param(2, POSITIVE)
     seed: int = 0

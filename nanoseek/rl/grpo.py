@@ -389,7 +389,8 @@ class GRPOTrainer(RunLoop):
         self.step += 1
         for k, r in enumerate(rolls[: cfg.log_completions]):
             self.completions.write({"step": self.step, "question": problems[k // cfg.group_size].question,
-                                    "completion": r.text, "reward": rewards[k].item(), "correct": scored[k][1]})
+                                    "completion": r.text, "reward": rewards[k].item(), "correct": scored[k][1],
+                                    "format": scored[k][2]})
         if self.ref is not None and self.step % cfg.ref_refresh_every == 0:
             self.ref.load_state_dict(self.rollout_model.state_dict())
         t_train = time.time()

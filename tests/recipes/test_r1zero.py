@@ -87,7 +87,7 @@ def test_completion_study_spans_and_reflective_words(tmp_path):
         for j in range(2):
             text = "<think>1 + 2 = 3.</think> <answer>3</answer>" if step > 5 else "1 + 2 = 4 wait, check: 3"
             rows.append({"step": step, "question": "Compute 1 + 2", "completion": text, "reward": 0.0,
-                         "correct": float(step > 5 and j == 0)})
+                         "correct": float(step > 5 and j == 0), "format": float(step > 5)})
     path = tmp_path / "completions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = completion_study(path, windows=2, examples=1)

@@ -10,6 +10,7 @@ from conftest import tiny_config
 import nanoseek
 from nanoseek.data import stdlib_sources, train_tokenizer
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer, problem_prompt, score
+from nanoseek.rl.rewards import format_reward
 from nanoseek.rl.tasks import generate
 
 
@@ -94,6 +95,7 @@ def test_train_steps_metrics_plot_and_exact_resume(tok, tmp_path):
     logged = [json.loads(x) for x in (tmp_path / "full" / "completions.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert all(r["reward"] == has_e("", r["completion"]) and r["question"].startswith("Compute ") for r in logged)
+    assert all(r["format"] == format_reward("", r["completion"]) for r in logged)
     part_log, full_log = (tmp_path / "part" / "completions.jsonl"), (tmp_path / "full" / "completions.jsonl")
     assert part_log.read_text() == full_log.read_text()
 
