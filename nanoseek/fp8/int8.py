@@ -3,38 +3,32 @@ about one byte per weight, as llama.cpp reading a Q8_0 GGUF does (34 bytes per 3
 
 A weight W [out, in] is held as `weight` (int8 [out, in]) and `weight_scale` (bf16 [out]), symmetric per output
 channel:  W ≈ q * s,  s = amax|W_row| / 127,  q = round(W / s) in [-127, 127]. Forward for up to GEMV_ROWS rows on
-the CPU (decode steps) is one of two kernels; only the int8 codes come from memory in either:
+the CPU (decode steps) is an integer GEMV; only the int8 codes come from memory:
 
-    large matrices (>= FBGEMM_MIN_CODES, a module's own weight), fbgemm's int8 x int8 GEMM (x86):
-        x = m (hi + lo / 126) per row, m = amax|x_row| / 63, hi and lo integers in [-63, 63]   (two 7-bit parts)
-        y = m (hi (q s)^T + lo (q s)^T / 126)                   one GEMM of 2 rows, int32 sums, fp32 out
-    the rest (and every routed expert, read as a view of the stack):
-        y = bf16( bf16(x) (q * s)^T )  in x's dtype              torch.ops.aten._weight_int8pack_mm
+    x = m (hi + lo / 127) per row, m = amax|x_row| / 127, hi and lo integers     (two signed 8-bit parts)
+    y = s m (hi q^T + lo q^T / 127)          bytes times bytes, int32 sums       nanoseek::int8_gemv (int8_gemv.cpp)
 
 More rows (prefill chunks, bound by compute) and other devices take the reference: y = x (q * s)^T in x's dtype,
 the weight dequantised per forward.
 
-Why these kernels (2-core AMD EPYC, AVX2, torch 2.13, batch 1; `benchmarks/bench_llama.py` for models):
-- _weight_int8pack_mm converts the codes to fp32 8 (AVX2) or 16 (AVX512) at a time against bf16 activations:
-  ~4-5 G codes/s per core, bound by its arithmetic, not by memory; with fp32 or fp16 activations it runs a scalar
-  loop. On small matrices it is the fastest thing here (16-28 us for `small`'s 512-wide ones, two threads).
-- fbgemm multiplies bytes by bytes (AVX2 vpmaddubsw) and runs near memory speed on large matrices: the 32000x512
-  head of `small`, read cold, 1.6 ms against 3.1 ms (two threads); it costs ~50 us a call whatever the size, hence
-  the threshold. Its own dynamic quantisation (per tensor, 7 bits) left 1.3-14% relative error (an outlier
-  channel); the two-part split above leaves ~1e-4. Packing is fbgemm's layout, a second copy of the matrix made on
-  first use (and again when the codes change in place): the large matrices are held twice, the codes for
-  checkpoints and the reference. torch.ao's quantised tensors are deprecated: without them (or on other CPUs)
-  every matrix takes the first kernel.
-- torch._int_mm (int8 activations) is a scalar loop (15 ms for the head); torch.compile of
-  (x * q.float()).sum(-1) * s took 30-34 ms; dequantise-then-GEMM reads the codes and writes and reads fp32.
-Numerics: fbgemm's output is the dequantised reference up to the activations' split (~1e-4 relative); the bf16
-kernel's differs by the rounding of x and y to bf16 (at most 2^-8 relative each): 0.25% relative per layer,
-against ~1% for int8's own rounding of the weights. On the speedrun checkpoints the decode-step top-1 agrees with
-the reference's at 98.8-99.3% of held-out positions (the reference with the fp32 model's at 98.9-99.5%): greedy
-output is unchanged except where two tokens (or two experts) are within that rounding of each other, and from
-there it differs (tests/fp8/test_int8.py; BENCHMARKS.md).
+Why this kernel (2-core AMD EPYC, AVX2, torch 2.13, batch 1; `benchmarks/bench_llama.py` for models):
+- It is llama.cpp's kind of dot product (vpmaddubsw on bytes, 32 products an instruction), in 150 lines of C++
+  built on first use by torch.utils.cpp_extension (g++ and ninja, ~20 s once, cached under TORCH_EXTENSIONS_DIR)
+  and called as a torch operator (a graph node under torch.compile). Four weight rows share each activation load
+  and the rows ahead are prefetched: `small`'s 32000x512 head, read from memory, 0.8 ms (~20 GB/s, two threads);
+  its 512-wide matrices 13-20 us each, ~6 us of it the call.
+- What torch offers was slower: _weight_int8pack_mm converts the codes to fp32 8 at a time against bf16
+  activations (~4.6 G codes/s per core, arithmetic-bound: 27-56 us for the same matrices, 1.9 ms the head);
+  fbgemm's int8 GEMM (torch.ao, deprecated) costs ~50 us a call and kept a packed second copy of each matrix;
+  torch._int_mm is a scalar loop; torch.compile of (x * q.float()).sum(-1) * s took 30-34 ms for the head.
+  _weight_int8pack_mm stays as the fallback where the kernel cannot be built (no compiler or ninja, not x86 with
+  AVX2; a warning says which): its output is bf16(bf16(x) (q * s)^T).
+Numerics: the split of the activations errs by at most m / 254 per value (~6e-5 of the output's scale, measured),
+summed exactly in int32; against ~1% for int8's own rounding of the weights. On the speedrun checkpoints greedy
+output is the dequantised reference's except where two tokens (or two experts) are within that rounding of each
+other, and from there it differs (tests/fp8/test_int8.py; BENCHMARKS.md).
 
-The kernel needs in_features to be a multiple of 16 (rows are loaded 8 or 16 values at a time, aligned); every
+The fallback needs in_features to be a multiple of 16 (rows loaded 8 or 16 values at a time, aligned); every
 preset qualifies, other shapes are refused by name. Int8 modules are for inference: no gradients flow.
 
 Every matrix llama.cpp's Q8_0 file stores in 8 bits becomes int8 here: the attention projections, dense MLPs,
@@ -43,11 +37,13 @@ step reads one row of it), as do the norms and the MoE router (F32 in the GGUF t
 (V2 §2.1.2: W_UK folded into the query, W_UV into the output) multiplies by kv_b_proj's matrix per head: it is
 dequantised in each forward (a cache-sized temporary; the int8 codes are what is read from memory).
 
-Routed experts (Int8Experts, V3 §2.1.2) run the GEMV per expert on its tokens' rows, on views of its codes, so a
-batch-1 decode step reads the codes of its K routed experts only: a decode step's few tokens one (token, expert)
-pair at a time (moe.unrolled_experts; in a compiled step the expert index is a graph integer and the view's offset
-is computed in the graph), more rows a loop over the experts that got rows (one custom op). An earlier compiled
-form copied each token's experts' codes out (a gather): it cost `small` a third of its step.
+Routed experts (Int8Experts, V3 §2.1.2) read the codes of the experts a token chose where they lie, so a batch-1
+decode step reads its K routed experts only. A decode step's few tokens: nanoseek::int8_moe, every (token, expert)
+pair's gate_up GEMV, SwiGLU and down GEMV in one call a layer (llama.cpp's mul_mat_id), the expert index read in
+the kernel; the fallback runs a GEMV pair per pair on views of the codes (moe.unrolled_experts; in a compiled step
+the expert index is a graph integer, the view's offset computed in the graph). More rows: a loop over the experts
+that got rows (one custom op). An earlier compiled form copied each token's experts' codes out (a gather): it cost
+`small` a third of its step.
 
     model = quantize_int8(nanoseek.load(path))            # in place; Engine(model) (compile=True too) as usual
     model = nanoseek.load("model-q8_0.gguf", int8=True)   # Q8_0's blocks re-quantised per channel, no fp32 model
@@ -55,15 +51,17 @@ form copied each token's experts' codes out (a gather): it cost `small` a third 
 
 from __future__ import annotations
 
+import os
+import platform
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..model import Experts, Transformer
-from ..model.moe import swiglu
+from ..model.moe import swiglu, unrolled_experts
 from .weights import Fp8Experts, Fp8WeightLinear, _FixedDtypeBuffers, _QuantizedLinear, quantized_bytes
 
 INT8_MAX = 127
@@ -90,69 +88,59 @@ def dequantize_rows(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch
     return (q.float() * s.float().unsqueeze(-1)).to(dtype)
 
 
-# fbgemm's int8 x int8 GEMM (torch.ao's quantized linear, x86) for a module's own large matrices, where it runs at
-# memory speed; on smaller ones its per-call cost exceeds the bf16 kernel's whole time (measured: tens of us)
-FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_prepack")
-FBGEMM_MIN_CODES = 1 << 20
-ACT_MAX = 63.0  # activations as 7-bit integers (fbgemm's AVX2 u8 x s8 pair sums stay below int16's limit)
-_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight codes -> (their version, fbgemm's packed copy)
-
-
-def _packed(q: torch.Tensor, s: torch.Tensor) -> torch.ScriptObject:
-    """fbgemm's packed form of W = q * s, made on first use and again after q changed in place."""
-    hit = _packs.get(q)
-    if hit is None or hit[0] != q._version:
-        with warnings.catch_warnings():  # torch.ao's quantised tensors are deprecated in favour of torchao
-            warnings.simplefilter("ignore")
-            zero = torch.zeros(q.shape[0], dtype=torch.long)
-            w = torch._make_per_channel_quantized_tensor(q, s.double(), zero, 0)
-        hit = (q._version, torch.ops.quantized.linear_prepack(w, None))
-        _packs[q] = hit
-    return hit[1]
-
-
-def _int8_fbgemm(xi: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """xi [n, in]: integers in [-ACT_MAX, ACT_MAX] (held in fp32) -> xi (q * s)^T [n, out] in fp32, computed
-    exactly in int32 by fbgemm (its input quantisation with scale 1 and zero point 64 is then lossless)."""
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(xi, 1.0, 64, _packed(q, s))
-
-
-# an operator for torch.compile to call (registered directly: torch.library.custom_op's wrapper cost ~40 us a call)
+# nanoseek::int8_gemv: the operator is declared here (with its shape for torch.compile), its CPU kernel is
+# int8_gemv.cpp, built and loaded by gemv_kernel() on first use
 _lib = torch.library.Library("nanoseek", "FRAGMENT")
-_lib.define("int8_fbgemm(Tensor xi, Tensor q, Tensor s) -> Tensor")
-_lib.impl("int8_fbgemm", _int8_fbgemm, "CPU")
-torch.library.register_fake("nanoseek::int8_fbgemm", lambda xi, q, s: xi.new_empty(xi.shape[0], q.shape[0]),
-                            lib=_lib)
+_lib.define("int8_gemv(Tensor x, Tensor q, Tensor s) -> Tensor")
+_lib.define("int8_moe(Tensor x, Tensor idx, Tensor w, Tensor gate_up, Tensor gate_up_s, Tensor down, Tensor down_s, "
+            "Tensor sh_gate, Tensor sh_gate_s, Tensor sh_up, Tensor sh_up_s, Tensor sh_down, Tensor sh_down_s) "
+            "-> Tensor")  # sh_*: the shared expert's matrices, or empty
+torch.library.register_fake("nanoseek::int8_gemv", lambda x, q, s: x.new_empty(x.shape[0], q.shape[0]), lib=_lib)
+torch.library.register_fake("nanoseek::int8_moe", lambda x, *args: torch.empty_like(x), lib=_lib)
+_GEMV: bool | None = None  # built and loaded / not available / not tried yet
 
 
-def fbgemm_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] times W^T for W = q * s by fbgemm, the activations in two 7-bit integer parts per row: with
-    m = amax|x_row| / ACT_MAX, x = m (hi + lo / 2 ACT_MAX) up to m / (4 ACT_MAX); both parts go through the one GEMM
-    (the weights are read once). y = m (y_hi + y_lo / 2 ACT_MAX) in x's dtype."""
-    xf = x.float()
-    m = xf.abs().amax(dim=-1, keepdim=True) / ACT_MAX
-    m = torch.where(m > 0, m, torch.ones_like(m))
-    xn = xf / m
-    hi = torch.round(xn)
-    lo = torch.round((xn - hi) * (2 * ACT_MAX))
-    y = torch.ops.nanoseek.int8_fbgemm(torch.cat((hi, lo)), q, s)
-    n = x.shape[0]
-    return ((y[:n] + y[n:] * (1 / (2 * ACT_MAX))) * m).to(x.dtype)
+def gemv_kernel() -> bool:
+    """Whether nanoseek's int8 GEMV kernel is loaded: built by torch.utils.cpp_extension on the first call (x86 with
+    AVX2, g++ and ninja; NANOSEEK_INT8_KERNEL=0 turns it off). Otherwise a warning says why and int8_matmul uses
+    torch's _weight_int8pack_mm."""
+    global _GEMV
+    if _GEMV is None:
+        _GEMV = False
+        why = None
+        if os.environ.get("NANOSEEK_INT8_KERNEL", "1") == "0":
+            return False
+        if platform.machine().lower() not in ("x86_64", "amd64") or \
+                torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            why = f"this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) lacks AVX2"
+        else:
+            try:
+                from torch.utils import cpp_extension
+
+                cpp_extension.load(name="nanoseek_int8_gemv", sources=[str(Path(__file__).with_name("int8_gemv.cpp"))],
+                                   extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                   is_python_module=False)
+                _GEMV = True
+            except Exception as e:  # no compiler, no ninja, a failed build: the portable kernel still works
+                why = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        if why:
+            warnings.warn(f"nanoseek's int8 GEMV kernel is not available ({why}); int8 matrices use torch's "
+                          f"_weight_int8pack_mm (slower, bf16 activations)", stacklevel=2)
+    return _GEMV
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, packable: bool = False) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x [..., in] times W^T for W = q * s (q int8 [out, in], s bf16 [out]) -> [..., out] in x's dtype: for up to
-    GEMV_ROWS rows on the CPU fbgemm (a large matrix that is `packable`: a module's own weight, not a view) or the
-    int8 GEMV, else the dequantised reference (see the module docstring)."""
+    GEMV_ROWS rows of fp32 or bf16 on the CPU an int8 GEMV (nanoseek's kernel, else torch's), else the dequantised
+    reference (see the module docstring)."""
     k = x.shape[-1]
     rows = x.numel() // max(k, 1)
-    if x.device.type == "cpu" and 0 < rows <= GEMV_ROWS:
-        if packable and FBGEMM and q.numel() >= FBGEMM_MIN_CODES:
-            return fbgemm_matmul(x.reshape(rows, k), q, s).view(*x.shape[:-1], q.shape[0])
-        if x.dtype in (torch.float32, torch.bfloat16):
-            # a fresh bf16 copy: the kernel loads the rows with aligned vector loads
-            xb = x.reshape(rows, k).to(torch.bfloat16, copy=True)
-            return torch.ops.aten._weight_int8pack_mm(xb, q, s).view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+    if x.device.type == "cpu" and 0 < rows <= GEMV_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+        if _GEMV or (_GEMV is None and gemv_kernel()):
+            return torch.ops.nanoseek.int8_gemv(x.reshape(rows, k), q, s).view(*x.shape[:-1], q.shape[0])
+        # a fresh bf16 copy: the kernel loads the rows with aligned vector loads
+        xb = x.reshape(rows, k).to(torch.bfloat16, copy=True)
+        return torch.ops.aten._weight_int8pack_mm(xb, q, s).view(*x.shape[:-1], q.shape[0]).to(x.dtype)
     return F.linear(x, dequantize_rows(q, s, x.dtype))
 
 
@@ -187,7 +175,7 @@ class Int8Linear(_QuantizedLinear):
         return dequantize_rows(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_matmul(x, self.weight, self.weight_scale, packable=True)  # fbgemm for a large matrix
+        y = int8_matmul(x, self.weight, self.weight_scale)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -215,6 +203,17 @@ def int8_experts(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, g
 @int8_experts.register_fake
 def _(x, counts, gate_up, gate_up_scale, down, down_scale):
     return torch.empty_like(x)
+
+
+_NO_SHARED = (torch.empty(0, 0, dtype=torch.int8), torch.empty(0, dtype=SCALE_DTYPE)) * 3
+
+
+def _mlp_codes(mlp: nn.Module | None) -> tuple[torch.Tensor, ...] | None:
+    """(gate, its scales, up, ..., down, ...) of a SwiGLU MLP of Int8Linear matrices without bias, else None."""
+    parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if mlp is None or not all(isinstance(m, Int8Linear) and m.bias is None for m in parts):
+        return None
+    return tuple(t for m in parts for t in (m.weight, m.weight_scale))
 
 
 class Int8Experts(_FixedDtypeBuffers):
@@ -257,7 +256,22 @@ class Int8Experts(_FixedDtypeBuffers):
         return (dequantize_rows(self.gate_up_proj, self.gate_up_proj_scale, dtype),
                 dequantize_rows(self.down_proj, self.down_proj_scale, dtype))
 
-    per_token_decode = True  # MoE runs a decode step's few tokens through `expert` (moe.unrolled_experts)
+    per_token_decode = True  # MoE runs a decode step's few tokens through `decode`
+
+    def decode(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, shared: nn.Module | None = None,
+               ) -> torch.Tensor:
+        """sum_k weights[t, k] Expert_idx[t, k](x_t) (+ shared(x_t), the MoE's shared expert, when given) for a
+        decode step's few tokens x [T, H] (idx, weights [T, K]): nanoseek's kernel, every product (the shared expert's
+        too where it is int8) in one call; else a GEMV pair per (token, expert) on views of the codes
+        (moe.unrolled_experts)."""
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and \
+                (_GEMV or (_GEMV is None and gemv_kernel())):
+            codes = _mlp_codes(shared)
+            y = torch.ops.nanoseek.int8_moe(x, idx, weights, self.gate_up_proj, self.gate_up_proj_scale,
+                                            self.down_proj, self.down_proj_scale, *(codes or _NO_SHARED))
+            return y + shared(x) if shared is not None and codes is None else y
+        y = unrolled_experts(x, idx, weights, self)
+        return y if shared is None else y + shared(x)
 
     def expert(self, x: torch.Tensor, e: int | torch.SymInt) -> torch.Tensor:
         """Expert e alone on the rows x [n, H]: a GEMV pair over views of its codes (no copy, also in a compiled
@@ -279,6 +293,7 @@ def quantize_int8(model: Transformer) -> Transformer:
     and the routed experts Int8Experts, each weight quantised per output channel. The embedding, norms and MoE gates
     are untouched. On a meta-device model only the structure changes. ValueError naming the layer for a shape the
     kernel cannot take, TypeError for FP8 weight modules (quantise the high-precision model). Returns `model`."""
+    gemv_kernel()  # built now (once), not inside a compiled step's first trace
     for path, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             where = f"{path}.{name}" if path else name

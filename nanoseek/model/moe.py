@@ -215,8 +215,8 @@ def unrolled_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, 
     """The same sum, one `experts.expert(x_t, e)` per (token, expert) pair with e read as an integer: each expert's
     weights are read where they lie. In a compiled step e is an unbacked integer (the Engine lets dynamo capture
     `.item()`), so the graph passes each GEMV a view at an offset computed from the index: no copy of the weights,
-    which gathering them costs (a step of `small` with int8 experts spent a third of its time copying codes). MoE
-    uses it for experts that declare `per_token_decode` (int8); for fp32 experts on this CPU (MKL) the gathered
+    which gathering them costs (a step of `small` with int8 experts spent a third of its time copying codes). Int8
+    experts decode with it where nanoseek's int8 kernel is not built; for fp32 experts on this CPU (MKL) the gathered
     einsum measured faster (`tiny` compiled 623 vs 458 tok/s with a GEMV per pair)."""
     T, K = idx.shape
     ys = []
@@ -305,15 +305,19 @@ class MoE(nn.Module):
         B, S, H = x.shape
         xf = x.reshape(-1, H)
         w, idx, s = self.gate(xf)
+        shared = self.shared_experts
         if self._per_token(idx):
             # high precision: one einsum over the gathered weights (measured faster, eager and compiled, than a GEMV
-            # per pair); int8 codes: a GEMV pair per (token, expert) pair on views of the codes
-            per_pair = type(self.experts) is not Experts
-            y = (unrolled_experts if per_pair else gathered_experts)(xf, idx, w, self.experts)
+            # per pair); experts that declare a per-token decode (int8 codes): theirs, the shared expert with them
+            if type(self.experts) is Experts:
+                y = gathered_experts(xf, idx, w, self.experts)
+            else:
+                y = self.experts.decode(xf, idx, w, self.shared_experts)
+                shared = None
         else:
             y = self.dispatch(xf, idx, w, self.n_experts, self.experts)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(xf)
+        if shared is not None:
+            y = y + shared(xf)
         with torch.no_grad():
             load = torch.zeros(B, self.n_experts, device=x.device, dtype=torch.float32)
             load.scatter_add_(1, idx.view(B, S * self.top_k), torch.ones(B, S * self.top_k, device=x.device))
@@ -321,7 +325,8 @@ class MoE(nn.Module):
 
     def _per_token(self, idx: torch.Tensor) -> bool:
         """Inference on few tokens (decode) with plain high-precision experts (not a swapped-in training subclass) or
-        experts that declare a per-token decode (int8), all of them in this process (not expert-parallel)."""
+        experts that declare a per-token decode (int8: `decode(x, idx, weights, shared_expert)`), all of them in this
+        process (not expert-parallel)."""
         e = self.experts
         if torch.is_grad_enabled() or self.dispatch is not dispatch_combine:
             return False

@@ -118,7 +118,7 @@ def test_q8_0_top1_agreement(setup):
 
 def test_q8_0_read_into_int8_agrees_with_llama_cpp(setup):
     """nanoseek reading the Q8_0 file into its int8 modules (nanoseek.fp8.int8: Q8_0's 32-weight blocks re-quantised
-    per row, bf16 activations in the int8 GEMV), token by token through the engine's cache as in decoding, against
+    per row, read by the int8 GEMV), token by token through the engine's cache as in decoding, against
     llama.cpp on the same file and against nanoseek's fp32 reading of it (the dequantised reference)."""
     _, _, _, q8, ids = setup
     fp32, int8 = read_gguf(q8), read_gguf(q8, int8=True)
