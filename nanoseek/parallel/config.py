@@ -24,6 +24,9 @@ class ParallelConfig:
     # the pipeline schedule (pp > 1): DualPipeV places the first and the last stage -- embedding, head and MTP -- on
     # rank 0 (V3 §3.2.1); interleaved and DualPipeV run two stages per rank
     pp_schedule: Literal["gpipe", "1f1b", "interleaved", "dualpipev"] = "1f1b"
+    # DualPipeV with ep > 1: each overlapped step's forward and backward chunks take turns in two threads, one
+    # computing while the other's expert all-to-all is in flight (nanoseek.parallel.overlap; V3 §3.2.1)
+    overlap: bool = False
     # nodes the ep group spans (node-limited routing): expert groups are placed so that each lives on one node.
     # None: from torchrun (world size / ranks per node); set it to simulate nodes as rank groups on one machine
     nodes: int | None = param(None, POSITIVE)
@@ -43,6 +46,10 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.overlap and (self.pp_schedule != "dualpipev" or self.pp == 1 or self.ep == 1):
+            raise ConfigError(f"--parallel overlap=true overlaps DualPipeV's paired chunks at their expert-parallel "
+                              f"all-to-alls: it needs pp > 1, pp_schedule=dualpipev and ep > 1 (got pp={self.pp}, "
+                              f"pp_schedule={self.pp_schedule}, ep={self.ep})")
         if self.redundant and self.ep == 1:
             raise ConfigError(f"--parallel redundant={self.redundant} holds replicas of other expert-parallel ranks' "
                               f"experts: it needs ep > 1")
@@ -57,7 +64,7 @@ class ParallelConfig:
 
     @classmethod
     def parse(cls, spec: str) -> ParallelConfig:
-        """`"dp=2,ep=2"`, `"pp=2,ep=2,pp_schedule=dualpipev"` (omitted dimensions are 1; also `nodes=`,
+        """`"dp=2,ep=2"`, `"pp=2,ep=2,pp_schedule=dualpipev"` (omitted dimensions are 1; also `overlap=`, `nodes=`,
         `activation_checkpoint=`, `fp8_dispatch=`, `redundant=`, `replan_every=`, `reshard_after_forward=`,
         `timeout=`)."""
         items = [s for s in spec.replace(" ", "").split(",") if s]

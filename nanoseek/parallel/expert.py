@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..fp8.quant import BLOCK, dequantize_tiles, quantize_tiles
 from ..model.moe import Experts, combine, sort_by_expert
+from .overlap import all_to_all
 
 
 def recomputing() -> bool:
@@ -37,7 +38,7 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
     """all_to_all_single of the rows of a 2-D x (any dtype: sent as bytes; gloo has no bf16 / fp8 all-to-all)."""
     raw = x.contiguous().view(torch.uint8)  # [N, row bytes]
     out = raw.new_empty(sum(out_splits), raw.shape[1])
-    dist.all_to_all_single(out, raw, out_splits, in_splits, group=group)
+    all_to_all(out, raw, out_splits, in_splits, group, "rows")  # under DualPipeV's overlap: the turn handed over
     return out.view(x.dtype)
 
 
@@ -160,7 +161,7 @@ class ExpertParallelDispatch:
         slot, per = self.route(idx)
         x_sorted, order, counts = sort_by_expert(x, slot, self.ep * per)
         recv = torch.empty_like(counts)
-        dist.all_to_all_single(recv, counts, group=self.group)  # [source rank, local slot] row counts
+        all_to_all(recv, counts, None, None, self.group, "counts")  # [source rank, local slot] row counts
         recv = recv.view(self.ep, per)
         send = counts.view(self.ep, per).sum(1)
         in_splits, out_splits = send.tolist(), recv.sum(1).tolist()

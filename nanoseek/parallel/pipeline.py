@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
+    OVERLAP_F_B,
     Schedule1F1B,
     ScheduleDualPipeV,
     ScheduleGPipe,
@@ -42,6 +43,7 @@ from ..model import Transformer
 from ..model.moe import MoE
 from ..model.stats import attention_params, moe_params
 from .launch import ParallelContext
+from .overlap import Turns, overlap_f_b
 from .parallelize import apply_activation_checkpointing, parallelize
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
@@ -185,9 +187,11 @@ def stage_modules(model: Transformer, pp: int, rank: int, schedule: str, n_micro
 
 def make_schedule(model: Transformer, modules: list[PipelineStageModule], pp_group: dist.ProcessGroup,
                   schedule: str, n_microbatches: int, mtp_loss_weight: float | None | Callable[[], float | None] = None,
-                  device: torch.device | str = "cpu") -> object:
+                  device: torch.device | str = "cpu", overlap: bool = False) -> object:
     """torch's schedule over `modules` (this rank's, from `stage_modules`) for n_microbatches micro-batches; the
-    loss function is the output stage. `mtp_loss_weight`: lambda, or a function giving this step's lambda."""
+    loss function is the output stage. `mtp_loss_weight`: lambda, or a function giving this step's lambda.
+    `overlap` (DualPipeV): its paired forward / backward chunks take turns at expert all-to-alls
+    (nanoseek.parallel.overlap) instead of running one after the other."""
     pp, rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
     n_stages = stage_count(pp, schedule)
     stages = [PipelineStage(mod, s, n_stages, torch.device(device), group=pp_group)
@@ -208,7 +212,12 @@ def make_schedule(model: Transformer, modules: list[PipelineStageModule], pp_gro
         return out.loss / n_microbatches  # the schedule's `losses` then sum to the step's loss
 
     cls = SCHEDULES[schedule]
-    return cls(stages if schedule in MULTI else stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    sched = cls(stages if schedule in MULTI else stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    if overlap:
+        if schedule != "dualpipev":
+            raise ConfigError(f"overlap pairs DualPipeV's forward and backward chunks; pp_schedule={schedule} has none")
+        sched.register_custom_function(OVERLAP_F_B, overlap_f_b(Turns()))
+    return sched
 
 
 def build_pipeline(model: Transformer, pp_group: dist.ProcessGroup, schedule: str, n_microbatches: int,
@@ -319,7 +328,8 @@ class Pipeline:
     def _schedule(self, n_microbatches: int) -> object:
         if n_microbatches not in self._schedules:  # one per micro-batch count (a batch-size ramp changes it)
             self._schedules[n_microbatches] = make_schedule(self.model, self.modules, self.group, self.schedule,
-                                                            n_microbatches, lambda: self.mtp_weight, self.ctx.device)
+                                                            n_microbatches, lambda: self.mtp_weight, self.ctx.device,
+                                                            self.ctx.cfg.overlap)
         return self._schedules[n_microbatches]
 
     def step(self, x: torch.Tensor, y: torch.Tensor, n_microbatches: int, mtp_weight: float | None) -> PipelineStep:

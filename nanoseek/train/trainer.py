@@ -31,6 +31,7 @@ from ..io.paths import TOKENIZER_FILES
 from ..model import ModelConfig, Transformer, update_bias
 from ..model.moe import MoE
 from ..parallel import ParallelContext, Traffic, clip_grad_norm, expert_traffic, materialize, parallelize
+from ..parallel.overlap import take_stats as take_a2a_stats
 from ..parallel.pipeline import Pipeline, microbatches
 from ..parallel.redundant import ExpertReplicas, expert_replicas
 from .checkpoint import load_latest, load_latest_sharded, load_model
@@ -279,10 +280,15 @@ class Trainer(RunLoop):
         traffic = expert_traffic(model) if self.par is not None else None
         if self.par is not None and self.par.cfg.ep > 1:  # (a pipeline rank without MoE layers sends nothing)
             t = (traffic or Traffic()).to_dict()
+            a2a = take_a2a_stats()
             summed = self._sum(t["dispatch_bytes"] + t["combine_bytes"], t["cross_node_bytes"], t["token_nodes"],
-                               t["replica_bytes"])
+                               t["replica_bytes"], a2a.overlapped_calls, a2a.exposed)
             rec["ep_bytes"], rec["ep_cross_node_bytes"], rec["ep_token_nodes"], rec["ep_replica_bytes"] = (
-                int(v) for v in summed)
+                int(v) for v in summed[:4])
+            # all-to-alls run beside the other chunk's compute (DualPipeV overlap), and the seconds a rank waited on
+            # all-to-alls with nothing else computing (mean over ranks)
+            rec["ep_a2a_overlapped"] = int(summed[4])
+            rec["ep_a2a_exposed_s"] = round(float(summed[5]) / self.par.cfg.world_size, 6)
             ranks = self.par.all_gather(torch.tensor([[t["max_nodes_per_token"], t["expert_rows"]]],
                                                      dtype=torch.float64, device=self.device))
             rec["ep_max_nodes_per_token"] = int(ranks[:, 0].max())

@@ -353,16 +353,17 @@ def test_pipeline_schedules_match_one_process(tmp_path, world, schedules):
 
 
 def test_pipelined_training_matches_one_process_and_resumes_on_another_mesh(data_dir, tmp_path):
-    """`pretrain --parallel pp=2,ep=2,pp_schedule=dualpipev` (4 ranks: embedding, head and MTP on pipeline rank 0,
-    experts split over 2 ranks in each stage) logs the single process's losses, held-out loss and ends with its
-    weights; its step-2 checkpoint (each pipeline rank wrote only its stages) resumes under pp=2 with 1F1B (the MTP
-    module's embedding then a second copy on the last rank) and again ends where the single process does."""
+    """`pretrain --parallel pp=2,ep=2,pp_schedule=dualpipev,overlap=true` (4 ranks: embedding, head and MTP on
+    pipeline rank 0, experts split over 2 ranks in each stage, DualPipeV's paired chunks taking turns at their
+    all-to-alls) logs the single process's losses, held-out loss and ends with its weights; its step-2 checkpoint
+    (each pipeline rank wrote only its stages) resumes under pp=2 with 1F1B (the MTP module's embedding then a second
+    copy on the last rank) and again ends where the single process does."""
     changes = dict(num_hidden_layers=4, batch_size=8, ckpt_every=2, lr=3e-4)  # (a small lr: see the GRPO test)
     m, t = train_configs(4, **changes)
     Trainer(m, t, data_dir, tmp_path / "one", progress=False).run()
     a = tmp_path / "pp"
     torchrun(4, "-m", "nanoseek", "pretrain", "--data", str(data_dir), "--out", str(a), *_sets(4, **changes),
-             "--parallel", "pp=2,ep=2,pp_schedule=dualpipev")
+             "--parallel", "pp=2,ep=2,pp_schedule=dualpipev,overlap=true")
     b = tmp_path / "resumed"
     shutil.copytree(a, b)
     shutil.rmtree(b / "checkpoints" / "step_00000004")
@@ -383,6 +384,7 @@ def test_pipelined_training_matches_one_process_and_resumes_on_another_mesh(data
         for k in ref:
             assert (mine[k] - ref[k]).norm() <= 1e-5 * ref[k].norm() + 1e-12, (run.name, k)
     assert records(a)[0]["ep_bytes"] > 0
+    assert all(r["ep_a2a_overlapped"] > 0 for r in records(a))  # the overlap ran (all-to-alls beside compute)
     assert len(list((list_checkpoints(a / "checkpoints")[-1] / "dcp").glob("*.distcp"))) == 4
 
 
