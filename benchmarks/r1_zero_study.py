@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nanoseek.recipes.r1zero import r1_zero
+from nanoseek.recipes.r1zero import PLAIN_STYLES, STYLES, r1_zero
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,9 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arithmetic-docs", type=int, default=3000, help="documents of 20 chains each in the mix")
+    ap.add_argument("--conversations", action="store_true",
+                    help="also documents of worked problems after the R1-Zero template's preamble")
+    ap.add_argument("--slip", type=float, default=0.0, help="the documents' worked answers drop a minus sign with "
+                    "this chance per negative step (the speedrun's fallible teacher)")
     args = ap.parse_args(argv)
     r = r1_zero(Path(args.out), args.minutes, args.grpo_minutes, args.seed, args.arithmetic_docs, args.lr,
-                base_dir=Path(args.base) if args.base else None)
+                base_dir=Path(args.base) if args.base else None,
+                styles=STYLES if args.conversations else PLAIN_STYLES, slip=args.slip)
     print(json.dumps({key: r[key] for key in ("base", "grpo", "grpo_steps", "seconds")}, indent=1))
     print(f"report: {Path(args.out) / 'report.md'}")
 

@@ -65,11 +65,12 @@ class Turns:
         self._cv = threading.Condition()
         self._turn: int | None = None  # the index (0, 1) of the thread holding the turn
         self._alive = [False, False]
-        self.order: list[tuple[int, str]] = []  # (thread, label) of each all-to-all, in issue order
+        self.order: list[tuple[int, str]] = []  # (thread, label) of the last run's all-to-alls, in issue order
 
     def run(self, first: Callable[[], None], second: Callable[[], None]) -> None:
         """first() and second() in turns, first starting; returns when both have ended."""
         errors: list[BaseException] = []
+        self.order = []
         self._alive = [True, True]
         self._turn = 0
         STATS.overlapped_actions += 1

@@ -35,47 +35,57 @@ from ..infer.engine import SamplingParams
 from ..io import load_checkpoint
 from ..io.paths import resolve_checkpoint
 from ..rl.grpo import GRPOConfig, GRPOTrainer, score
-from ..rl.tasks import Problem, generate
+from ..rl.tasks import Problem, generate, r1_zero_prompt
 from .posttrain import TASK_KNOBS, chain_steps, teacher_trace
 from .speedrun import speedrun
 
-STYLES = ("equation", "prose", "transcript")
+STYLES = ("equation", "prose", "transcript", "conversation")
+PLAIN_STYLES = STYLES[:3]  # the first two studies' mix (no conversation under the R1-Zero template)
 # R1 §2.2.4: the model "learns to reevaluate its initial approach"; words that would show it at this scale
 REFLECTION = re.compile(r"\b(wait|check|recheck|verify|again|mistake|actually|instead|hmm)\b", re.IGNORECASE)
 
 
-def arithmetic_text(problem: Problem, style: str) -> str:
+def arithmetic_text(problem: Problem, style: str, slip: float = 0.0, rng: random.Random | None = None) -> str:
     """One `+`/`-` chain written in a pre-training style: "5 - 8 + 8 = 5"; "Compute 5 - 8 + 8. 5 - 8 = -3. -3 + 8 =
-    5. The answer is 5."; or a "User: ... Assistant: <think>...</think> <answer>...</answer>" transcript."""
-    steps, value = chain_steps(problem)
+    5. The answer is 5."; a "User: ... Assistant: <think>...</think> <answer>...</answer>" transcript; or the same
+    worked answer after the R1-Zero template's conversation preamble (a conversation in that format, as the web now
+    holds many). `slip`: transcripts and conversations are worked by the fallible teacher (posttrain.chain_steps),
+    as text written by people has errors."""
     if style == "equation":
-        return f"{problem.question.removeprefix('Compute ')} = {value}"
+        return f"{problem.question.removeprefix('Compute ')} = {chain_steps(problem)[1]}"
     if style == "prose":
+        steps, value = chain_steps(problem)
         return f"{problem.question}. {'. '.join(steps)}. The answer is {value}."
     if style == "transcript":
-        return f"User: {problem.question}. Assistant: {teacher_trace(problem)}"
+        return f"User: {problem.question}. Assistant: {teacher_trace(problem, slip, rng)}"
+    if style == "conversation":
+        return f"{r1_zero_prompt(problem.question)} {teacher_trace(problem, slip, rng)}"
     raise ValueError(f"style must be one of {STYLES}, got {style!r}")
 
 
-def arithmetic_documents(n_docs: int, seed: int = 0, per_doc: int = 20) -> list[str]:
-    """`n_docs` documents of `per_doc` one-digit `+`/`-` chains from the task's training split, the styles in turn,
-    2- or 3-operand chains (one length per document)."""
+def arithmetic_documents(n_docs: int, seed: int = 0, per_doc: int = 20, styles: tuple[str, ...] = PLAIN_STYLES,
+                         slip: float = 0.0) -> list[str]:
+    """`n_docs` documents of `per_doc` one-digit `+`/`-` chains from the task's training split, `styles` in turn,
+    2- or 3-operand chains (one length per document); `slip`: see arithmetic_text."""
     rng = random.Random(seed)
     streams = {k: generate("arithmetic", None, seed=seed + k, split="train", **{**TASK_KNOBS, "n_operands": k})
                for k in (2, 3)}
     docs = []
     for i in range(n_docs):
-        style = STYLES[i % len(STYLES)]
+        style = styles[i % len(styles)]
         k = rng.choice((2, 3))
         problems = [next(streams[k]) for _ in range(per_doc)]
-        docs.append(("\n" if style == "equation" else "\n\n").join(arithmetic_text(p, style) for p in problems))
+        docs.append(("\n" if style == "equation" else "\n\n").join(arithmetic_text(p, style, slip, rng)
+                                                                   for p in problems))
     return docs
 
 
-def write_arithmetic_corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
+def write_arithmetic_corpus(path: Path, n_docs: int, seed: int = 0, styles: tuple[str, ...] = PLAIN_STYLES,
+                            slip: float = 0.0) -> Path:
     """The documents as a JSONL corpus source ({"text": ...} per line)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in arithmetic_documents(n_docs, seed)))
+    docs = arithmetic_documents(n_docs, seed, styles=styles, slip=slip)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
 
 
@@ -120,15 +130,20 @@ def completion_study(path: Path, windows: int = 5, examples: int = 3) -> dict[st
 
 def r1_zero(out: Path, minutes: float = 10.0, grpo_minutes: float = 10.0, seed: int = 0, arithmetic_docs: int = 3000,
             lr: float = 2e-5, k: int = 8, eval_n: int = 200, base_dir: Path | None = None,
-            progress: bool = True) -> dict[str, Any]:
-    """The study: pre-training on the mix (`minutes`, the speedrun's budget) into <out>/base, or the base of an
-    earlier study (`base_dir`, e.g. to try another lr), then GRPO from it for `grpo_minutes` of training steps;
-    returns (and writes to <out>/r1zero.json, <out>/report.md) the results."""
+            progress: bool = True, styles: tuple[str, ...] = PLAIN_STYLES, slip: float = 0.0) -> dict[str, Any]:
+    """The study: pre-training on the mix (`minutes`, the speedrun's budget; arithmetic documents in `styles`, worked
+    with `slip`) into <out>/base, or the base of an earlier study (`base_dir`, e.g. to try another lr), then GRPO
+    from it for `grpo_minutes` of training steps; returns (and writes to <out>/r1zero.json, <out>/report.md) the
+    results."""
+    if not 0.0 <= slip <= 1.0:
+        raise ValueError(f"slip must be in [0, 1], got {slip}")
+    if not styles or any(st not in STYLES for st in styles):
+        raise ValueError(f"styles must be some of {STYLES}, got {styles!r}")
     t0 = time.perf_counter()
     out = Path(out)
     if base_dir is None:
         base_dir = out / "base"
-        corpus = write_arithmetic_corpus(out / "arithmetic.jsonl", arithmetic_docs, seed)
+        corpus = write_arithmetic_corpus(out / "arithmetic.jsonl", arithmetic_docs, seed, styles, slip)
         speedrun(base_dir, minutes=minutes, sources=[str(corpus), STDLIB], seed=seed, post_train=False, overwrite=True)
     base = json.loads((Path(base_dir) / "summary.json").read_text())
     tok = Tokenizer.load(Path(base_dir) / "data" / "tokenizer.json")
@@ -143,6 +158,7 @@ def r1_zero(out: Path, minutes: float = 10.0, grpo_minutes: float = 10.0, seed: 
     evals = [r for r in records if r["kind"] == "eval"]
     result = {
         "task": "arithmetic " + json.dumps(TASK_KNOBS), "template": "r1-zero", "seed": seed,
+        "corpus_styles": list(styles), "corpus_slip": slip,
         "pretrain": {key: base[key] for key in ("steps", "tokens", "heldout_loss", "train_seconds")},
         "base_dir": str(base_dir), "corpus_chars": base["corpus"].get("chars"),
         "base": {"greedy": evals[0]["heldout_accuracy"], "greedy_format": evals[0]["heldout_format_rate"], **before},

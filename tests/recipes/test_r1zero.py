@@ -11,10 +11,17 @@ import nanoseek
 from nanoseek.data import stdlib_sources, train_tokenizer
 from nanoseek.recipes import r1zero
 from nanoseek.recipes.posttrain import TASK_KNOBS
-from nanoseek.recipes.r1zero import arithmetic_documents, completion_study, sampled_pass, write_arithmetic_corpus
+from nanoseek.recipes.r1zero import (
+    PLAIN_STYLES,
+    STYLES,
+    arithmetic_documents,
+    completion_study,
+    sampled_pass,
+    write_arithmetic_corpus,
+)
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
 from nanoseek.rl.rewards import accuracy_reward, format_reward
-from nanoseek.rl.tasks import heldout_set, is_heldout
+from nanoseek.rl.tasks import heldout_set, is_heldout, r1_zero_prompt
 
 _CHAIN = re.compile(r"(-?\d+(?: [+-] \d+)+) = (-?\d+)")
 
@@ -28,19 +35,20 @@ def _value(expr: str) -> int:
 
 
 def test_arithmetic_documents_are_correct_styled_and_never_held_out(tmp_path):
-    docs = arithmetic_documents(30, seed=0)
-    assert docs == arithmetic_documents(30, seed=0) and docs != arithmetic_documents(30, seed=1)
+    docs = arithmetic_documents(40, seed=0, styles=STYLES)
+    assert docs == arithmetic_documents(40, seed=0, styles=STYLES) and docs != arithmetic_documents(40, seed=1)
+    assert arithmetic_documents(30, seed=0) == arithmetic_documents(30, seed=0, styles=PLAIN_STYLES)
     three = {p.question.removeprefix("Compute ") for p in heldout_set("arithmetic", 100, **TASK_KNOBS)}
     seen = set()
     for i, doc in enumerate(docs):
-        style = ("equation", "prose", "transcript")[i % 3]
+        style = STYLES[i % 4]
         items = doc.split("\n" if style == "equation" else "\n\n")
         assert len(items) == 20
         for item in items:
             if style == "equation":
                 expr, value = item.split(" = ")
             else:
-                expr = re.match(r"(?:User: )?Compute (.+?)\. ", item).group(1)
+                expr = re.search(r"(?:^|User: )Compute (.+?)\. ", item).group(1)
                 value = re.search(r"The answer is (-?\d+)\.$|<answer>(-?\d+)</answer>$", item)
                 value = value.group(1) or value.group(2)
             assert _value(expr) == int(value), item
@@ -49,13 +57,29 @@ def test_arithmetic_documents_are_correct_styled_and_never_held_out(tmp_path):
             assert not is_heldout("arithmetic-" + hashlib.sha256(expr.encode()).hexdigest()[:12])  # tasks' ids
             assert expr not in three
             seen.add(len(expr.split()) // 2 + 1)
-            if style == "transcript":
-                answer = item.split("Assistant: ")[1]
+            if style in ("transcript", "conversation"):
+                answer = item.split("Assistant: ")[-1]
                 assert accuracy_reward("", answer, answer=value) == 1.0
                 assert format_reward("", answer) == 1.0
+            if style == "conversation":  # the R1-Zero prompt of the question, then the worked answer
+                assert item == f"{r1_zero_prompt('Compute ' + expr)} {answer}"
     assert seen == {2, 3}
     rows = write_arithmetic_corpus(tmp_path / "a.jsonl", 4).read_text().splitlines()
     assert [json.loads(r)["text"] for r in rows] == arithmetic_documents(4)
+
+
+def test_a_fallible_writer_slips_only_in_worked_answers():
+    """slip: transcripts and conversations drop a minus sign (and carry on) at some negative steps; equations and
+    prose stay right."""
+    docs = arithmetic_documents(40, seed=0, styles=STYLES, slip=0.5)
+    wrong = {style: 0 for style in STYLES}
+    for i, doc in enumerate(docs):
+        style = STYLES[i % 4]
+        for item in doc.split("\n" if style == "equation" else "\n\n"):
+            wrong[style] += any(_value(e) != int(v) for e, v in _CHAIN.findall(item)) or (
+                style == "equation" and _value(item.split(" = ")[0]) != int(item.split(" = ")[1]))
+    assert wrong["equation"] == wrong["prose"] == 0
+    assert 20 < wrong["transcript"] < 150 and 20 < wrong["conversation"] < 150  # of 200 each
 
 
 def test_sampled_pass_counts_the_samples_it_draws(tmp_path, monkeypatch):
