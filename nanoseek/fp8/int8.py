@@ -12,7 +12,7 @@ More rows (prefill chunks, bound by compute) and other devices take the referenc
 the weight dequantised per forward.
 
 Why this kernel (2-core AMD EPYC, AVX2, torch 2.13, batch 1; `benchmarks/bench_llama.py` for models):
-- It is llama.cpp's kind of dot product (vpmaddubsw on bytes, 32 products an instruction), in 150 lines of C++
+- It is llama.cpp's kind of dot product (vpmaddubsw on bytes, 32 products an instruction), in ~290 lines of C++
   built on first use by torch.utils.cpp_extension (g++ and ninja, ~20 s once, cached under TORCH_EXTENSIONS_DIR)
   and called as a torch operator (a graph node under torch.compile). Four weight rows share each activation load
   and the rows ahead are prefetched: `small`'s 32000x512 head, read from memory, 0.8 ms (~20 GB/s, two threads);
