@@ -136,7 +136,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tens
     k = x.shape[-1]
     rows = x.numel() // max(k, 1)
     if x.device.type == "cpu" and 0 < rows <= GEMV_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-        if _GEMV or (_GEMV is None and gemv_kernel()):
+        if gemv_kernel():
             return torch.ops.nanoseek.int8_gemv(x.reshape(rows, k), q, s).view(*x.shape[:-1], q.shape[0])
         # a fresh bf16 copy: the kernel loads the rows with aligned vector loads
         xb = x.reshape(rows, k).to(torch.bfloat16, copy=True)
@@ -264,8 +264,7 @@ class Int8Experts(_FixedDtypeBuffers):
         decode step's few tokens x [T, H] (idx, weights [T, K]): nanoseek's kernel, every product (the shared expert's
         too where it is int8) in one call; else a GEMV pair per (token, expert) on views of the codes
         (moe.unrolled_experts)."""
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and \
-                (_GEMV or (_GEMV is None and gemv_kernel())):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and gemv_kernel():
             codes = _mlp_codes(shared)
             y = torch.ops.nanoseek.int8_moe(x, idx, weights, self.gate_up_proj, self.gate_up_proj_scale,
                                             self.down_proj, self.down_proj_scale, *(codes or _NO_SHARED))

@@ -75,37 +75,24 @@ inline float split_row(const float* x, int64_t k, int8_t* hi, int8_t* lo) {
   return m;
 }
 
-// integer dots of rows w[0..nw) (nw <= 4, stride k) with one activation row's parts -> sums_hi, sums_lo
-inline void dot_rows(const int8_t* w, int64_t k, int nw, const int8_t* hi, const int8_t* lo, int32_t* sh,
-                     int32_t* sl) {
-  __m256i ah[4], al[4];
-  for (int j = 0; j < 4; ++j) ah[j] = al[j] = _mm256_setzero_si256();
+// integer dots of rows w[0..NW) (stride k) with one activation row's parts -> sums_hi, sums_lo
+template <int NW>
+inline void dot_rows_n(const int8_t* w, int64_t k, const int8_t* hi, const int8_t* lo, int32_t* sh, int32_t* sl) {
+  __m256i ah[NW], al[NW];
+  for (int j = 0; j < NW; ++j) ah[j] = al[j] = _mm256_setzero_si256();
   const int64_t k32 = k / 32 * 32;
-  if (nw == 4) {
-    for (int64_t i = 0; i < k32; i += 32) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + i));
-      const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + i));
-      const __m256i habs = _mm256_abs_epi8(h), labs = _mm256_abs_epi8(l);
-      for (int j = 0; j < 4; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + j * k + i + kPrefetch), _MM_HINT_T0);
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * k + i));
-        ah[j] = _mm256_add_epi32(ah[j], dot32(habs, h, wv));
-        al[j] = _mm256_add_epi32(al[j], dot32(labs, l, wv));
-      }
-    }
-  } else {
-    for (int64_t i = 0; i < k32; i += 32) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + i));
-      const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + i));
-      const __m256i habs = _mm256_abs_epi8(h), labs = _mm256_abs_epi8(l);
-      for (int j = 0; j < nw; ++j) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * k + i));
-        ah[j] = _mm256_add_epi32(ah[j], dot32(habs, h, wv));
-        al[j] = _mm256_add_epi32(al[j], dot32(labs, l, wv));
-      }
+  for (int64_t i = 0; i < k32; i += 32) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + i));
+    const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + i));
+    const __m256i habs = _mm256_abs_epi8(h), labs = _mm256_abs_epi8(l);
+    for (int j = 0; j < NW; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * k + i + kPrefetch), _MM_HINT_T0);
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * k + i));
+      ah[j] = _mm256_add_epi32(ah[j], dot32(habs, h, wv));
+      al[j] = _mm256_add_epi32(al[j], dot32(labs, l, wv));
     }
   }
-  for (int j = 0; j < nw; ++j) {
+  for (int j = 0; j < NW; ++j) {
     int32_t a = hsum(ah[j]), b = hsum(al[j]);
     for (int64_t i = k32; i < k; ++i) {  // a tail shorter than 32
       a += int32_t(hi[i]) * w[j * k + i];
@@ -113,6 +100,17 @@ inline void dot_rows(const int8_t* w, int64_t k, int nw, const int8_t* hi, const
     }
     sh[j] = a;
     sl[j] = b;
+  }
+}
+
+// the same for nw <= 4 rows (fewer than 4 only in a matrix's last block)
+inline void dot_rows(const int8_t* w, int64_t k, int nw, const int8_t* hi, const int8_t* lo, int32_t* sh,
+                     int32_t* sl) {
+  switch (nw) {
+    case 4: return dot_rows_n<4>(w, k, hi, lo, sh, sl);
+    case 3: return dot_rows_n<3>(w, k, hi, lo, sh, sl);
+    case 2: return dot_rows_n<2>(w, k, hi, lo, sh, sl);
+    default: return dot_rows_n<1>(w, k, hi, lo, sh, sl);
   }
 }
 

@@ -13,7 +13,7 @@ Only the thread holding the turn runs Python or issues collectives, and turns pa
 rank of an ep group (the same pipeline stage, the same actions) issues its collectives in the same order, as
 collectives require. Departure from V3: V3 splits each chunk by hand into attention / dispatch / MLP / combine and
 gives communication its own SMs (20 of 132); here the chunks alternate at each all-to-all on the same device, and
-what is hidden is whatever the other chunk computes while a transfer is in flight (measured: `Turns.stats`).
+what is hidden is whatever the other chunk computes while a transfer is in flight (measured: `STATS`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class OverlapStats:
     actions), the seconds a chunk waited for a transfer with nothing else computing (`exposed`: a plain call's whole
     blocking time; an overlapped call's wait after it had the turn back) and the seconds overlapped calls were in
     flight while the other chunk computed (`hidden`). The fraction of all-to-all time hidden: 1 - exposed with
-    overlap / exposed without, over the same steps (benchmarks/bench_pipeline.py --overlap)."""
+    overlap / exposed without, over the same steps (benchmarks/bench_overlap.py)."""
 
     calls: int = 0
     overlapped_calls: int = 0

@@ -5,9 +5,10 @@ RL can only reinforce answers the base model sometimes gives (pass@k > 0). DeepS
 mathematics; this base reads the Python standard library plus a share of arithmetic text written from the task's
 training split (held-out problems never appear), as real pre-training corpora hold worked arithmetic. Each document
 is one style: bare equations, worked solutions in prose, or question / answer transcripts with <think> / <answer>
-tags, 2- and 3-operand chains alike (the tagged format after "User: ... Assistant:" is what the R1-Zero template
-asks for). docs/r1_zero.md: after 8-10 minutes of pre-training on 2 cores the base does not yet write that format
-under the template's long preamble (every reward 0, so GRPO has no gradient).
+tags, 2- and 3-operand chains alike, and (style "conversation") the same worked answers after the R1-Zero template's
+preamble. docs/r1_zero.md: without the conversations the base never wrote the template's format after 8-10 minutes
+of pre-training on 2 cores (every reward 0, no gradient); with them (worked by the fallible teacher) GRPO takes the
+format from 4% to ~97% of samples and pass@8 from 1.5-3.5% to 35-41%.
 
     from nanoseek.recipes.r1zero import r1_zero
     r1_zero(Path("runs/r1zero"), minutes=10, grpo_minutes=10)
